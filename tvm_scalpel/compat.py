@@ -1,0 +1,47 @@
+"""TVM-version specifics in one place (apache-tvm 0.27), so the next TVM rename is a one-file change."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.target import Target
+
+# TVMFFIAny slots are 16 bytes; `tvm_stack_alloca` counts in slots.
+_FFI_ANY_BYTES = 16
+
+
+def stack_scratch(nbytes: int) -> tirx.PrimExpr:
+    """A pointer to ``nbytes`` of stack memory in the enclosing function (or parallel task).
+
+    Why: in TVM 0.27 LowerTVMBuiltin turns *every* CPU ``alloc_buffer``/``decl_buffer`` into a
+    ``TVMBackendAllocWorkspace`` call, even 16 bytes; LLVM then cannot keep accumulators in registers
+    and stores them after every FMA (3x slower GEMM). ``tvm_stack_alloca`` becomes a plain entry-block
+    ``alloca`` that LLVM promotes to registers. Use as
+    ``p: T.let[T.handle] = stack_scratch(n)`` then ``T.decl_buffer(shape, dtype, data=p)``.
+    """
+    slots = max(1, -(-int(nbytes) // _FFI_ANY_BYTES))
+    return tirx.call_intrin("handle", "tirx.tvm_stack_alloca", "tvm_ffi_any", slots)
+
+
+def compile_prim_func(func: tirx.PrimFunc, target: Target) -> Any:
+    """Compile one PrimFunc for ``target``; returns the executable (call it by its global symbol)."""
+    return tvm.compile(func, target)
+
+
+def to_device(arrays: Sequence[np.ndarray], dev: Any = None) -> list[Any]:
+    """numpy arrays → TVM runtime tensors on ``dev`` (CPU by default)."""
+    dev = dev or tvm.cpu()
+    return [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+
+
+def time_evaluator(executable: Any, name: str, dev: Any = None, number: int = 10, repeat: int = 10):
+    """TVM's time evaluator for a compiled PrimFunc (0.27: lives on the JIT'd runtime module)."""
+    return executable.jit().time_evaluator(name, dev or tvm.cpu(), number=number, repeat=repeat)
+
+
+def system_cpu() -> str:
+    """LLVM's name for the host CPU."""
+    return tvm.target.codegen.llvm_get_system_cpu()
