@@ -1,0 +1,152 @@
+"""CPU kernels against numpy (and torch for conv): odd sizes, ragged groups, empty and dense rows."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tvm_scalpel import KernelError, hardware_spec
+from tvm_scalpel import formats as F
+from tvm_scalpel.schedules import CompiledKernel, cpu
+
+RTOL = 1e-4
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+def _close(got, ref):
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=RTOL * scale)
+
+
+def _group_pruned(seed, m, k, w, density):
+    """A weight pruned at group width w, with an empty first row and a fully dense last row."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((m, k)).astype("float32")
+    keep = rng.random((m, -(-k // w))) < density
+    keep[0] = False
+    keep[-1] = True
+    g = F.encode(weight, w, keep=keep)
+    return g, g.to_dense(), rng
+
+
+dims = dict(m=st.integers(1, 70), k=st.integers(1, 90), n=st.integers(1, 64))
+
+
+@SETTINGS
+@given(**dims, seed=st.integers(0, 9999))
+def test_dense_nt(host_spec, m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((m, k)).astype("float32")
+    X = rng.standard_normal((n, k)).astype("float32")
+    y = CompiledKernel(cpu.dense_nt(m, k, n, host_spec), host_spec)(X, W, out_shape=(n, m))
+    _close(y, X @ W.T)
+
+
+@SETTINGS
+@given(**dims, seed=st.integers(0, 9999))
+def test_dense_gemm(host_spec, m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((m, k)).astype("float32")
+    D = rng.standard_normal((k, n)).astype("float32")
+    o = CompiledKernel(cpu.dense_gemm(m, k, n, host_spec), host_spec)(W, D, out_shape=(m, n))
+    _close(o, W @ D)
+
+
+@SETTINGS
+@given(**dims, w=st.sampled_from([2, 4, 8, 16]), density=st.floats(0, 1), seed=st.integers(0, 9999))
+def test_group_sparse_nt(host_spec, m, k, n, w, density, seed):
+    g, Wm, rng = _group_pruned(seed, m, k, w, density)
+    X = rng.standard_normal((n, k)).astype("float32")
+    kern = CompiledKernel(cpu.group_sparse_nt(m, k, w, n, host_spec), host_spec)
+    _close(kern(X, g.values, g.col_idx, g.row_ptr, out_shape=(n, m)), X @ Wm.T)
+
+
+@SETTINGS
+@given(**dims, w=st.sampled_from([2, 4, 8, 16]), density=st.floats(0, 1), seed=st.integers(0, 9999))
+def test_group_sparse_gemm(host_spec, m, k, n, w, density, seed):
+    g, Wm, rng = _group_pruned(seed, m, k, w, density)
+    D = rng.standard_normal((k, n)).astype("float32")
+    kern = CompiledKernel(cpu.group_sparse_gemm(m, k, w, n, host_spec), host_spec)
+    _close(kern(g.values, g.col_idx, g.row_ptr, D, out_shape=(m, n)), Wm @ D)
+
+
+@SETTINGS
+@given(**dims, density=st.floats(0, 1), seed=st.integers(0, 9999))
+def test_csr_nt(host_spec, m, k, n, density, seed):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((m, k)).astype("float32") * (rng.random((m, k)) < density)
+    c = F.encode_csr(W)
+    X = rng.standard_normal((n, k)).astype("float32")
+    kern = CompiledKernel(cpu.csr_nt(m, k, n, host_spec), host_spec)
+    _close(kern(X, c.values, c.col_idx, c.row_ptr, out_shape=(n, m)), X @ W.T)
+
+
+def test_one_kernel_serves_any_pattern_of_its_shape(host_spec):
+    m, k, w = 40, 100, 8
+    kern = CompiledKernel(cpu.group_sparse_nt(m, k, w, 1, host_spec), host_spec)
+    for seed, density in [(1, 0.05), (2, 0.5), (3, 1.0)]:
+        g, Wm, rng = _group_pruned(seed, m, k, w, density)
+        x = rng.standard_normal((1, k)).astype("float32")
+        _close(kern(x, g.values, g.col_idx, g.row_ptr, out_shape=(1, m)), x @ Wm.T)
+
+
+def test_benchmark_shapes_are_exact(host_spec):
+    """The Figure 13/14 shapes, 90 % group sparsity at the host's lanes."""
+    w = host_spec.lanes("float32")
+    g, Wm, rng = _group_pruned(0, 4096, 4096, w, 0.1)
+    x = rng.standard_normal((1, 4096)).astype("float32")
+    kern = CompiledKernel(cpu.group_sparse_nt(4096, 4096, w, 1, host_spec), host_spec)
+    _close(kern(x, g.values, g.col_idx, g.row_ptr, out_shape=(1, 4096)), x @ Wm.T)
+    g, Wm, rng = _group_pruned(0, 128, 1200, w, 0.1)
+    D = rng.standard_normal((1200, 729)).astype("float32")
+    kern = CompiledKernel(cpu.group_sparse_gemm(128, 1200, w, 729, host_spec), host_spec)
+    _close(kern(g.values, g.col_idx, g.row_ptr, D, out_shape=(128, 729)), Wm @ D)
+
+
+@pytest.mark.parametrize("c, h, oc, kh, stride, pad", [(3, 32, 32, 5, 1, 2), (20, 12, 50, 5, 1, 0),
+                                                       (4, 9, 6, 3, 2, 1)])
+def test_conv_via_im2col_matches_torch(host_spec, c, h, oc, kh, stride, pad):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((c, h, h)).astype("float32")
+    weight = rng.standard_normal((oc, c, kh, kh)).astype("float32")
+    oh = cpu.conv_out_size(h, kh, stride, pad)
+    cols = CompiledKernel(cpu.im2col(c, h, h, kh, kh, stride, pad), host_spec)(
+        x, out_shape=(c * kh * kh, oh * oh))
+    w2 = F.flatten_per_filter(weight)
+    dense = CompiledKernel(cpu.dense_gemm(oc, c * kh * kh, oh * oh, host_spec), host_spec)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x[None]), torch.from_numpy(weight),
+                                     stride=stride, padding=pad)[0].numpy()
+    _close(dense(w2, cols, out_shape=(oc, oh * oh)).reshape(oc, oh, oh), ref)
+    # The same conv with a group-pruned weight through the sparse kernel.
+    w = host_spec.lanes("float32")
+    keep = rng.random((oc, -(-w2.shape[1] // w))) < 0.3
+    g = F.encode(w2, w, keep=keep)
+    sparse = CompiledKernel(cpu.group_sparse_gemm(oc, w2.shape[1], w, oh * oh, host_spec), host_spec)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x[None]),
+                                     torch.from_numpy(g.to_dense().reshape(weight.shape)),
+                                     stride=stride, padding=pad)[0].numpy()
+    got = sparse(g.values, g.col_idx, g.row_ptr, cols, out_shape=(oc, oh * oh))
+    _close(got.reshape(oc, oh, oh), ref)
+
+
+def test_vector_width_follows_target_lanes():
+    """Vector width comes from the hardware model, not a literal: AVX2 gives 8, AVX-512 gives 16."""
+    for cpu_name, lanes in (("haswell", 8), ("skylake-avx512", 16)):
+        spec = hardware_spec({"kind": "llvm", "mcpu": cpu_name})
+        for func in (cpu.dense_nt(8, 64, 1, spec), cpu.dense_gemm(8, 64, 40, spec)):
+            script = func.script()
+            assert f"T.vectorized({lanes})" in script
+            assert f"T.vectorized({24 - lanes})" not in script
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_bad_shapes_are_clear_errors(host_spec, bad):
+    with pytest.raises(KernelError, match="positive int"):
+        cpu.dense_nt(4, bad, 1, host_spec)
+
+
+def test_wrong_argument_shape_is_a_clear_error(host_spec):
+    kern = CompiledKernel(cpu.dense_nt(4, 8, 1, host_spec), host_spec)
+    with pytest.raises(KernelError, match="dense_nt"):
+        kern(np.ones((1, 9), "float32"), np.ones((4, 8), "float32"), out_shape=(1, 4))

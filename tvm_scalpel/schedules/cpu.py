@@ -1,0 +1,359 @@
+"""CPU (llvm) kernels in TensorIR: dense and group-sparse matrix-vector / matrix-matrix, CSR, im2col.
+
+Every kernel is a PrimFunc specialised to static shapes and to the target's SIMD lanes (from
+``hardware_spec``); sparse index arrays are runtime buffers, so one kernel serves every sparsity
+pattern of its shape. Two layouts:
+
+- ``*_nt``:  Y[n, m] = X[n, k] · W[m, k]ᵀ  (Linear; n = batch, n = 1 is matrix-vector). Vectorised
+  along k (the group axis), one accumulator vector per (batch row, weight row).
+- ``*_gemm``: O[m, n] = W[m, k] · D[k, n]  (conv after im2col; n = output pixels). Vectorised along n,
+  a register tile of accumulators per row.
+
+Accumulators live in ``compat.stack_scratch`` memory so LLVM keeps them in registers (see there).
+Tails are exact: a ragged last group (k % w) takes a scalar path; a ragged last column vector is
+clamped to end at n and recomputed inside the same parallel task (identical values, no race).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from ..compat import stack_scratch
+from ..errors import KernelError
+from ..target import HardwareSpec
+
+F32 = "float32"
+_BYTES = 4
+
+
+def _check_dims(**dims: int) -> None:
+    for name, value in dims.items():
+        if not isinstance(value, int) or value < 1:
+            raise KernelError(f"{name}: expected a positive int, found {value!r}")
+
+
+def _hsum(buf: tirx.Buffer, prefix: tuple, lanes: int) -> tirx.PrimExpr:
+    """Pairwise sum of buf[*prefix, 0:lanes] as one expression (a horizontal reduction)."""
+    terms = [buf[(*prefix, i)] for i in range(lanes)]
+    while len(terms) > 1:
+        pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        terms = pairs + ([terms[-1]] if len(terms) % 2 else [])
+    return terms[0]
+
+
+def _chunks(rows: int, spec: HardwareSpec) -> tuple[int, int]:
+    """(number of parallel row chunks, rows per chunk): a few chunks per core balance random rows."""
+    chunks = max(1, min(rows, 4 * spec.num_cores))
+    per = -(-rows // chunks)
+    return -(-rows // per), per
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Tiling of a GEMM's n axis into vectors of ``width`` and parallel blocks of ``nv`` vectors.
+
+    Blocks are anchored at the right end: block ``b`` holds vectors ``nvec - (nblk - b)·nv + v``. The
+    last vector is clamped to end at n, so a ragged tail overlaps the vector before it; both sit in
+    the last block (one task, identical values rewritten). Block 0 clamps its surplus vectors to
+    vector 0, again inside one task. Any nv works, and no two tasks write the same element.
+    """
+
+    n: int
+    width: int
+    nv: int
+
+    @property
+    def nvec(self) -> int:
+        return -(-self.n // self.width)
+
+    @property
+    def nblk(self) -> int:
+        return -(-self.nvec // self.nv)
+
+    def offset(self, blk, v):
+        vec = T.max(self.nvec - (self.nblk - blk) * self.nv + v, 0)
+        return T.min(vec * self.width, self.n - self.width)
+
+
+def _columns(n: int, lanes: int, nv: int) -> _Columns:
+    width = min(lanes, n)
+    return _Columns(n=n, width=width, nv=min(nv, -(-n // width)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense
+# ----------------------------------------------------------------------------------------------
+
+
+def dense_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
+    """Y[n, m] = X[n, k] · W[m, k]ᵀ, dense; n = 1 is the matrix-vector product."""
+    _check_dims(m=m, k=k, n=n)
+    lanes = spec.lanes(F32)
+    kv, kr = divmod(k, lanes)
+    nb_ = min(n, 4)
+    mb_ = 4 if m >= 4 else 1
+    nt, n_rem = divmod(n, nb_)
+    mt, m_rem = divmod(m, mb_)
+
+    @T.macro
+    def tile(X, W, Y, n0, m0, nb, mb):
+        p: T.let[T.handle] = stack_scratch(nb * mb * lanes * _BYTES)
+        acc = T.decl_buffer((nb, mb, lanes), F32, data=p)
+        for a, b in T.grid(nb, mb):
+            for l in T.vectorized(lanes):
+                acc[a, b, l] = T.float32(0)
+        for kk in range(kv):
+            for a in T.unroll(nb):
+                for b in T.unroll(mb):
+                    for l in T.vectorized(lanes):
+                        acc[a, b, l] = acc[a, b, l] + X[n0 + a, kk * lanes + l] * W[m0 + b, kk * lanes + l]
+        for a, b in T.grid(nb, mb):
+            for r in range(kr):
+                acc[a, b, 0] = acc[a, b, 0] + X[n0 + a, kv * lanes + r] * W[m0 + b, kv * lanes + r]
+            Y[n0 + a, m0 + b] = _hsum(acc, (a, b), lanes)
+
+    @T.prim_func
+    def kernel(X: T.Buffer((n, k), F32), W: T.Buffer((m, k), F32), Y: T.Buffer((n, m), F32)):
+        T.func_attr({"global_symbol": "dense_nt", "tir.noalias": True})
+        for t in T.parallel(mt):
+            for s in range(nt):
+                tile(X, W, Y, s * nb_, t * mb_, nb_, mb_)
+            for s in range(n_rem):
+                tile(X, W, Y, nt * nb_ + s, t * mb_, 1, mb_)
+        for r in range(m_rem):
+            for s in range(n):
+                tile(X, W, Y, s, mt * mb_ + r, 1, 1)
+
+    return kernel
+
+
+def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int] = (8, 3)) -> tirx.PrimFunc:
+    """O[m, n] = W[m, k] · D[k, n], dense; register tile of ``tile`` = (rows, vectors), parallel over
+    column blocks (D[:, block] stays in L2 while every row tile passes over it)."""
+    _check_dims(m=m, k=k, n=n)
+    cols = _columns(n, spec.lanes(F32), tile[1])
+    width, nv = cols.width, cols.nv
+    mb = min(tile[0], m)
+    mt = -(-m // mb)
+
+    @T.prim_func
+    def kernel(W: T.Buffer((m, k), F32), D: T.Buffer((k, n), F32), O: T.Buffer((m, n), F32)):
+        T.func_attr({"global_symbol": "dense_gemm", "tir.noalias": True})
+        for blk in T.parallel(cols.nblk):
+            p: T.let[T.handle] = stack_scratch(mb * nv * width * _BYTES)
+            acc = T.decl_buffer((mb, nv, width), F32, data=p)
+            for t in range(mt):
+                # The last row tile is clamped to end at m: rows recomputed by the same task.
+                for i in T.unroll(mb):
+                    for v in T.unroll(nv):
+                        for l in T.vectorized(width):
+                            acc[i, v, l] = T.float32(0)
+                for kk in range(k):
+                    for i in T.unroll(mb):
+                        for v in T.unroll(nv):
+                            for l in T.vectorized(width):
+                                acc[i, v, l] = acc[i, v, l] + W[T.min(t * mb, m - mb) + i, kk] * D[
+                                    kk, cols.offset(blk, v) + l]
+                for i in T.unroll(mb):
+                    for v in T.unroll(nv):
+                        for l in T.vectorized(width):
+                            O[T.min(t * mb, m - mb) + i, cols.offset(blk, v) + l] = acc[i, v, l]
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------------
+# Group-sparse (1×w blocks, one block-column index per kept group)
+# ----------------------------------------------------------------------------------------------
+
+
+def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
+    """Y[n, m] = X[n, k] · Wᵀ with W group-sparse (values[G, w], col_idx[G], row_ptr[m + 1]).
+
+    Per kept group: one w-wide vector load of weights and one of X at the group's column, one FMA.
+    """
+    _check_dims(m=m, k=k, w=w, n=n)
+    full, kr = divmod(k, w)
+    ragged = kr != 0
+    nb_ = min(n, 4)
+    nt, n_rem = divmod(n, nb_)
+    chunks, per = _chunks(m, spec)
+
+    @T.macro
+    def row(X, V, I, P, Y, r, n0, nb):
+        p: T.let[T.handle] = stack_scratch(nb * w * _BYTES)
+        acc = T.decl_buffer((nb, w), F32, data=p)
+        for a in T.unroll(nb):
+            for l in T.vectorized(w):
+                acc[a, l] = T.float32(0)
+        for j in range(P[r], P[r + 1]):
+            if ragged:
+                if I[j] == full:
+                    for a in T.unroll(nb):
+                        for l in range(kr):
+                            acc[a, l] = acc[a, l] + V[j, l] * X[n0 + a, full * w + l]
+                else:
+                    for a in T.unroll(nb):
+                        for l in T.vectorized(w):
+                            acc[a, l] = acc[a, l] + V[j, l] * X[n0 + a, I[j] * w + l]
+            else:
+                for a in T.unroll(nb):
+                    for l in T.vectorized(w):
+                        acc[a, l] = acc[a, l] + V[j, l] * X[n0 + a, I[j] * w + l]
+        for a in T.unroll(nb):
+            Y[n0 + a, r] = _hsum(acc, (a,), w)
+
+    @T.prim_func
+    def kernel(x_h: T.handle, v_h: T.handle, i_h: T.handle, p_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": "group_sparse_nt", "tir.noalias": True})
+        G = T.int32()
+        X = T.match_buffer(x_h, (n, k), F32)
+        V = T.match_buffer(v_h, (G, w), F32)
+        I = T.match_buffer(i_h, (G,), "int32")
+        P = T.match_buffer(p_h, (m + 1,), "int32")
+        Y = T.match_buffer(y_h, (n, m), F32)
+        for c in T.parallel(chunks):
+            for q in range(per):
+                if c * per + q < m:
+                    for s in range(nt):
+                        row(X, V, I, P, Y, c * per + q, s * nb_, nb_)
+                    for s in range(n_rem):
+                        row(X, V, I, P, Y, c * per + q, nt * nb_ + s, 1)
+
+    return kernel
+
+
+def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: int = 6) -> tirx.PrimFunc:
+    """O[m, n] = W · D[k, n] with W group-sparse; per kept group, w broadcast-FMAs per column vector.
+
+    Parallel over blocks of ``nv`` column vectors, small enough that D[:, block] stays in L2.
+    """
+    _check_dims(m=m, k=k, w=w, n=n)
+    full, kr = divmod(k, w)
+    ragged = kr != 0
+    cols = _columns(n, spec.lanes(F32), nv)
+    width, nv = cols.width, cols.nv
+
+    @T.macro
+    def group(V, D, acc, j, col0, nrows, blk):
+        for kk in T.unroll(nrows):
+            for v in T.unroll(nv):
+                for l in T.vectorized(width):
+                    acc[v, l] = acc[v, l] + V[j, kk] * D[col0 + kk, cols.offset(blk, v) + l]
+
+    @T.prim_func
+    def kernel(v_h: T.handle, i_h: T.handle, p_h: T.handle, d_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": "group_sparse_gemm", "tir.noalias": True})
+        G = T.int32()
+        V = T.match_buffer(v_h, (G, w), F32)
+        I = T.match_buffer(i_h, (G,), "int32")
+        P = T.match_buffer(p_h, (m + 1,), "int32")
+        D = T.match_buffer(d_h, (k, n), F32)
+        O = T.match_buffer(o_h, (m, n), F32)
+        for blk in T.parallel(cols.nblk):
+            p: T.let[T.handle] = stack_scratch(nv * width * _BYTES)
+            acc = T.decl_buffer((nv, width), F32, data=p)
+            for r in range(m):
+                for v in T.unroll(nv):
+                    for l in T.vectorized(width):
+                        acc[v, l] = T.float32(0)
+                for j in range(P[r], P[r + 1]):
+                    if ragged:
+                        if I[j] == full:
+                            group(V, D, acc, j, full * w, kr, blk)
+                        else:
+                            group(V, D, acc, j, I[j] * w, w, blk)
+                    else:
+                        group(V, D, acc, j, I[j] * w, w, blk)
+                for v in T.unroll(nv):
+                    for l in T.vectorized(width):
+                        O[r, cols.offset(blk, v) + l] = acc[v, l]
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------------
+# CSR (one index per nonzero): the format of traditional, unstructured pruning
+# ----------------------------------------------------------------------------------------------
+
+
+def csr_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
+    """Y[n, m] = X[n, k] · Wᵀ with W in CSR: a scalar gather of X per nonzero (no SIMD possible)."""
+    _check_dims(m=m, k=k, n=n)
+    nb_ = min(n, 4)
+    nt, n_rem = divmod(n, nb_)
+    chunks, per = _chunks(m, spec)
+
+    @T.macro
+    def row(X, V, C, P, Y, r, n0, nb):
+        p: T.let[T.handle] = stack_scratch(nb * _BYTES)
+        acc = T.decl_buffer((nb,), F32, data=p)
+        for a in T.unroll(nb):
+            acc[a] = T.float32(0)
+        for j in range(P[r], P[r + 1]):
+            for a in T.unroll(nb):
+                acc[a] = acc[a] + V[j] * X[n0 + a, C[j]]
+        for a in T.unroll(nb):
+            Y[n0 + a, r] = acc[a]
+
+    @T.prim_func
+    def kernel(x_h: T.handle, v_h: T.handle, c_h: T.handle, p_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": "csr_nt", "tir.noalias": True})
+        NNZ = T.int32()
+        X = T.match_buffer(x_h, (n, k), F32)
+        V = T.match_buffer(v_h, (NNZ,), F32)
+        C = T.match_buffer(c_h, (NNZ,), "int32")
+        P = T.match_buffer(p_h, (m + 1,), "int32")
+        Y = T.match_buffer(y_h, (n, m), F32)
+        for c in T.parallel(chunks):
+            for q in range(per):
+                if c * per + q < m:
+                    for s in range(nt):
+                        row(X, V, C, P, Y, c * per + q, s * nb_, nb_)
+                    for s in range(n_rem):
+                        row(X, V, C, P, Y, c * per + q, nt * nb_ + s, 1)
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution via im2col (then dense_gemm or group_sparse_gemm)
+# ----------------------------------------------------------------------------------------------
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    out = (size + 2 * pad - kernel) // stride + 1
+    if out < 1:
+        raise KernelError(f"conv: input {size} with kernel {kernel}, stride {stride}, pad {pad} gives no output")
+    return out
+
+
+def im2col(c: int, h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> tirx.PrimFunc:
+    """Cols[c·kh·kw, oh·ow] from X[c, h, w] (zero padding), the D operand of a conv as GEMM.
+
+    Row order (c, i, j) matches a conv weight flattened per filter, so O = W.reshape(oc, -1) · Cols.
+    """
+    _check_dims(c=c, h=h, w=w, kh=kh, kw=kw, stride=stride)
+    oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(w, kw, stride, pad)
+    rows = c * kh * kw
+
+    @T.prim_func
+    def kernel(X: T.Buffer((c, h, w), F32), Cols: T.Buffer((rows, oh * ow), F32)):
+        T.func_attr({"global_symbol": "im2col", "tir.noalias": True})
+        for r in T.parallel(rows):
+            for y, x in T.grid(oh, ow):
+                Cols[r, y * ow + x] = T.if_then_else(
+                    0 <= y * stride - pad + r % (kh * kw) // kw
+                    and y * stride - pad + r % (kh * kw) // kw < h
+                    and 0 <= x * stride - pad + r % kw
+                    and x * stride - pad + r % kw < w,
+                    X[r // (kh * kw),
+                      T.max(T.min(y * stride - pad + r % (kh * kw) // kw, h - 1), 0),
+                      T.max(T.min(x * stride - pad + r % kw, w - 1), 0)],
+                    T.float32(0),
+                )
+
+    return kernel
