@@ -44,12 +44,12 @@ def test_dense_nt(host_spec, m, k, n, seed):
 
 
 @SETTINGS
-@given(**dims, seed=st.integers(0, 9999))
-def test_dense_gemm(host_spec, m, k, n, seed):
+@given(**dims, seed=st.integers(0, 9999), tile=st.sampled_from([(8, 3), (4, 2), (1, 1), (3, 5)]))
+def test_dense_gemm(host_spec, m, k, n, seed, tile):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((m, k)).astype("float32")
     D = rng.standard_normal((k, n)).astype("float32")
-    o = CompiledKernel(cpu.dense_gemm(m, k, n, host_spec), host_spec)(W, D, out_shape=(m, n))
+    o = CompiledKernel(cpu.dense_gemm(m, k, n, host_spec, tile=tile), host_spec)(W, D, out_shape=(m, n))
     _close(o, W @ D)
 
 
@@ -63,11 +63,12 @@ def test_group_sparse_nt(host_spec, m, k, n, w, density, seed):
 
 
 @SETTINGS
-@given(**dims, w=st.sampled_from([2, 4, 8, 16]), density=st.floats(0, 1), seed=st.integers(0, 9999))
-def test_group_sparse_gemm(host_spec, m, k, n, w, density, seed):
+@given(**dims, w=st.sampled_from([1, 2, 4, 8, 16]), density=st.floats(0, 1), seed=st.integers(0, 9999),
+       pack=st.booleans(), nv=st.integers(1, 8))
+def test_group_sparse_gemm(host_spec, m, k, n, w, density, seed, pack, nv):
     g, Wm, rng = _group_pruned(seed, m, k, w, density)
     D = rng.standard_normal((k, n)).astype("float32")
-    kern = CompiledKernel(cpu.group_sparse_gemm(m, k, w, n, host_spec), host_spec)
+    kern = CompiledKernel(cpu.group_sparse_gemm(m, k, w, n, host_spec, nv=nv, pack=pack), host_spec)
     _close(kern(g.values, g.col_idx, g.row_ptr, D, out_shape=(m, n)), Wm @ D)
 
 

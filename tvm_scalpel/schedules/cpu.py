@@ -226,10 +226,13 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec) -> tirx.
     return kernel
 
 
-def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: int = 6) -> tirx.PrimFunc:
+def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: int = 6,
+                      pack: bool = True) -> tirx.PrimFunc:
     """O[m, n] = W · D[k, n] with W group-sparse; per kept group, w broadcast-FMAs per column vector.
 
-    Parallel over blocks of ``nv`` column vectors, small enough that D[:, block] stays in L2.
+    Parallel over blocks of ``nv`` column vectors. With ``pack`` each task first copies its D[:, block]
+    into a contiguous scratch: every later vector load is then cache-line aligned and L2-resident,
+    whatever n's row stride (a 729-float row makes every load straddle two lines).
     """
     _check_dims(m=m, k=k, w=w, n=n)
     full, kr = divmod(k, w)
@@ -238,11 +241,32 @@ def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: in
     width, nv = cols.width, cols.nv
 
     @T.macro
-    def group(V, D, acc, j, col0, nrows, blk):
+    def group(V, S, acc, j, col0, nrows, blk):
         for kk in T.unroll(nrows):
             for v in T.unroll(nv):
                 for l in T.vectorized(width):
-                    acc[v, l] = acc[v, l] + V[j, kk] * D[col0 + kk, cols.offset(blk, v) + l]
+                    if pack:
+                        acc[v, l] = acc[v, l] + V[j, kk] * S[col0 + kk, v, l]
+                    else:
+                        acc[v, l] = acc[v, l] + V[j, kk] * S[col0 + kk, cols.offset(blk, v) + l]
+
+    @T.macro
+    def rows(V, I, P, S, O, acc, blk):
+        for r in range(m):
+            for v in T.unroll(nv):
+                for l in T.vectorized(width):
+                    acc[v, l] = T.float32(0)
+            for j in range(P[r], P[r + 1]):
+                if ragged:
+                    if I[j] == full:
+                        group(V, S, acc, j, full * w, kr, blk)
+                    else:
+                        group(V, S, acc, j, I[j] * w, w, blk)
+                else:
+                    group(V, S, acc, j, I[j] * w, w, blk)
+            for v in T.unroll(nv):
+                for l in T.vectorized(width):
+                    O[r, cols.offset(blk, v) + l] = acc[v, l]
 
     @T.prim_func
     def kernel(v_h: T.handle, i_h: T.handle, p_h: T.handle, d_h: T.handle, o_h: T.handle):
@@ -256,21 +280,15 @@ def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: in
         for blk in T.parallel(cols.nblk):
             p: T.let[T.handle] = stack_scratch(nv * width * _BYTES)
             acc = T.decl_buffer((nv, width), F32, data=p)
-            for r in range(m):
-                for v in T.unroll(nv):
-                    for l in T.vectorized(width):
-                        acc[v, l] = T.float32(0)
-                for j in range(P[r], P[r + 1]):
-                    if ragged:
-                        if I[j] == full:
-                            group(V, D, acc, j, full * w, kr, blk)
-                        else:
-                            group(V, D, acc, j, I[j] * w, w, blk)
-                    else:
-                        group(V, D, acc, j, I[j] * w, w, blk)
-                for v in T.unroll(nv):
-                    for l in T.vectorized(width):
-                        O[r, cols.offset(blk, v) + l] = acc[v, l]
+            if pack:
+                S = T.decl_buffer((k, nv, width), F32, scope="global")
+                for kk in range(k):
+                    for v in T.unroll(nv):
+                        for l in T.vectorized(width):
+                            S[kk, v, l] = D[kk, cols.offset(blk, v) + l]
+                rows(V, I, P, S, O, acc, blk)
+            else:
+                rows(V, I, P, D, O, acc, blk)
 
     return kernel
 

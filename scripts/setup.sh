@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs everything tvm_scalpel needs on a fresh machine (Python 3.11, root, package registries only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --upgrade pip
+python3 -m pip install --quiet -e ".[test]"
+python3 - <<'PY'
+import tvm, torch, tvm_ffi
+assert tvm.__version__.startswith("0.27"), tvm.__version__
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print(f"set-up ok: tvm {tvm.__version__}, torch {torch.__version__}")
+PY
