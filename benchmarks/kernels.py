@@ -143,6 +143,28 @@ def summarise(variants, lanes: int, modes) -> list[dict]:
     return rows
 
 
+def markdown_table(rows, lanes: int) -> str:
+    """Speedup over the best dense, per workload, mode and sparsity (the README's table)."""
+    sparse = [("tvm_group", w) for w in sorted({r["w"] for r in rows if r["w"]})] + [(f, None) for f in CSR]
+    sparse = [c for c in sparse if any((r["format"], r["w"]) == c for r in rows)]
+    names = [f"group w={w}" + (" (lanes)" if w == lanes else "") if w else f for f, w in sparse]
+    lines = ["| workload | mode | best dense (us) | sparsity | " + " | ".join(names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for wl in ("fc", "conv"):
+        for mode in ("warm", "cold"):
+            sel = [r for r in rows if r["workload"] == wl and r["mode"] == mode]
+            if not sel:
+                continue
+            best = min(r["median_us"] for r in sel if r["format"] in DENSE)
+            for s in sorted({r["sparsity"] for r in sel if r["format"] not in DENSE}):
+                cells = []
+                for fmt, w in sparse:
+                    hit = [r for r in sel if (r["format"], r["w"], r["sparsity"]) == (fmt, w, s)]
+                    cells.append(f"{hit[0]['speedup_vs_best_dense']:.2f}x" if hit else "")
+                lines.append(f"| {wl} | {mode} | {best:.0f} | {s:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows, path: Path, lanes: int) -> None:
     import matplotlib
 
@@ -211,6 +233,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / f"{name}.png", lanes)
+    (out / f"{name}.md").write_text(markdown_table(rows, lanes))
     if not args.quick:
         print(f"wrote {out / name}.json, .csv, .png", file=sys.stderr)
     return 0

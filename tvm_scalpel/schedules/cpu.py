@@ -51,6 +51,26 @@ def _chunks(rows: int, spec: HardwareSpec) -> tuple[int, int]:
     return -(-rows // per), per
 
 
+def _parallel_rows(row, m: int, n: int, spec: HardwareSpec):
+    """A macro that calls ``row(X, V, I, P, Y, r, n0, nb)`` for every weight row r and batch tile
+    [n0, n0 + nb) (nb ≤ 4), parallel over chunks of rows: the driver of the ``*_nt`` sparse kernels."""
+    nb_ = min(n, 4)
+    nt, n_rem = divmod(n, nb_)
+    chunks, per = _chunks(m, spec)
+
+    @T.macro
+    def rows(X, V, I, P, Y):
+        for c in T.parallel(chunks):
+            for q in range(per):
+                if c * per + q < m:
+                    for s in range(nt):
+                        row(X, V, I, P, Y, c * per + q, s * nb_, nb_)
+                    for s in range(n_rem):
+                        row(X, V, I, P, Y, c * per + q, nt * nb_ + s, 1)
+
+    return rows
+
+
 @dataclass(frozen=True)
 class _Columns:
     """Tiling of a GEMM's n axis into vectors of ``width`` and parallel blocks of ``nv`` vectors.
@@ -178,9 +198,6 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec) -> tirx.
     _check_dims(m=m, k=k, w=w, n=n)
     full, kr = divmod(k, w)
     ragged = kr != 0
-    nb_ = min(n, 4)
-    nt, n_rem = divmod(n, nb_)
-    chunks, per = _chunks(m, spec)
 
     @T.macro
     def row(X, V, I, P, Y, r, n0, nb):
@@ -206,6 +223,8 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec) -> tirx.
         for a in T.unroll(nb):
             Y[n0 + a, r] = _hsum(acc, (a,), w)
 
+    rows = _parallel_rows(row, m, n, spec)
+
     @T.prim_func
     def kernel(x_h: T.handle, v_h: T.handle, i_h: T.handle, p_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": "group_sparse_nt", "tir.noalias": True})
@@ -215,13 +234,7 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec) -> tirx.
         I = T.match_buffer(i_h, (G,), "int32")
         P = T.match_buffer(p_h, (m + 1,), "int32")
         Y = T.match_buffer(y_h, (n, m), F32)
-        for c in T.parallel(chunks):
-            for q in range(per):
-                if c * per + q < m:
-                    for s in range(nt):
-                        row(X, V, I, P, Y, c * per + q, s * nb_, nb_)
-                    for s in range(n_rem):
-                        row(X, V, I, P, Y, c * per + q, nt * nb_ + s, 1)
+        rows(X, V, I, P, Y)
 
     return kernel
 
@@ -301,9 +314,6 @@ def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: in
 def csr_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
     """Y[n, m] = X[n, k] · Wᵀ with W in CSR: a scalar gather of X per nonzero (no SIMD possible)."""
     _check_dims(m=m, k=k, n=n)
-    nb_ = min(n, 4)
-    nt, n_rem = divmod(n, nb_)
-    chunks, per = _chunks(m, spec)
 
     @T.macro
     def row(X, V, C, P, Y, r, n0, nb):
@@ -317,6 +327,8 @@ def csr_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
         for a in T.unroll(nb):
             Y[n0 + a, r] = acc[a]
 
+    rows = _parallel_rows(row, m, n, spec)
+
     @T.prim_func
     def kernel(x_h: T.handle, v_h: T.handle, c_h: T.handle, p_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": "csr_nt", "tir.noalias": True})
@@ -326,13 +338,7 @@ def csr_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
         C = T.match_buffer(c_h, (NNZ,), "int32")
         P = T.match_buffer(p_h, (m + 1,), "int32")
         Y = T.match_buffer(y_h, (n, m), F32)
-        for c in T.parallel(chunks):
-            for q in range(per):
-                if c * per + q < m:
-                    for s in range(nt):
-                        row(X, V, C, P, Y, c * per + q, s * nb_, nb_)
-                    for s in range(n_rem):
-                        row(X, V, C, P, Y, c * per + q, nt * nb_ + s, 1)
+        rows(X, V, C, P, Y)
 
     return kernel
 
