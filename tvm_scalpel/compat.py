@@ -45,3 +45,13 @@ def time_evaluator(executable: Any, name: str, dev: Any = None, number: int = 10
 def system_cpu() -> str:
     """LLVM's name for the host CPU."""
     return tvm.target.codegen.llvm_get_system_cpu()
+
+
+def constant_array(expr: Any) -> np.ndarray | None:
+    """The numpy value of a Relax constant, or None for any other expression.
+
+    0.27: Relax constants are ``tvm.ir.expr.Constant`` (``GenericConst``) with the tensor in ``.value``.
+    """
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    return None
