@@ -105,30 +105,35 @@ def test_benchmark_shapes_are_exact(host_spec):
     _close(kern(g.values, g.col_idx, g.row_ptr, D, out_shape=(128, 729)), Wm @ D)
 
 
-@pytest.mark.parametrize("c, h, oc, kh, stride, pad", [(3, 32, 32, 5, 1, 2), (20, 12, 50, 5, 1, 0),
-                                                       (4, 9, 6, 3, 2, 1)])
-def test_conv_via_im2col_matches_torch(host_spec, c, h, oc, kh, stride, pad):
+@pytest.mark.parametrize("b, c, h, oc, kh, stride, pad", [(1, 3, 32, 32, 5, (1, 1), (2, 2)),
+                                                      (1, 20, 12, 50, 5, (1, 1), (0, 0)),
+                                                      (3, 4, 9, 6, 3, (2, 1), (1, 0))])
+def test_conv_via_im2col_matches_torch(host_spec, b, c, h, oc, kh, stride, pad):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((c, h, h)).astype("float32")
+    x = rng.standard_normal((b, c, h, h)).astype("float32")
     weight = rng.standard_normal((oc, c, kh, kh)).astype("float32")
-    oh = cpu.conv_out_size(h, kh, stride, pad)
-    cols = CompiledKernel(cpu.im2col(c, h, h, kh, kh, stride, pad), host_spec)(
-        x, out_shape=(c * kh * kh, oh * oh))
+    oh, ow = (cpu.conv_out_size(h, kh, s, p) for s, p in zip(stride, pad))
+    npix = b * oh * ow
+    cols = CompiledKernel(cpu.im2col(b, c, h, h, kh, kh, stride, pad), host_spec)(
+        x, out_shape=(c * kh * kh, npix))
+
+    def conv_ref(wt):
+        return torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride,
+                                          padding=pad).numpy()
+
+    def as_nchw(o):  # O[oc, b, oh, ow] -> [b, oc, oh, ow]
+        return o.reshape(oc, b, oh, ow).transpose(1, 0, 2, 3)
+
     w2 = F.flatten_per_filter(weight)
-    dense = CompiledKernel(cpu.dense_gemm(oc, c * kh * kh, oh * oh, host_spec), host_spec)
-    ref = torch.nn.functional.conv2d(torch.from_numpy(x[None]), torch.from_numpy(weight),
-                                     stride=stride, padding=pad)[0].numpy()
-    _close(dense(w2, cols, out_shape=(oc, oh * oh)).reshape(oc, oh, oh), ref)
+    dense = CompiledKernel(cpu.dense_gemm(oc, c * kh * kh, npix, host_spec), host_spec)
+    _close(as_nchw(dense(w2, cols, out_shape=(oc, npix))), conv_ref(weight))
     # The same conv with a group-pruned weight through the sparse kernel.
     w = host_spec.lanes("float32")
     keep = rng.random((oc, -(-w2.shape[1] // w))) < 0.3
     g = F.encode(w2, w, keep=keep)
-    sparse = CompiledKernel(cpu.group_sparse_gemm(oc, w2.shape[1], w, oh * oh, host_spec), host_spec)
-    ref = torch.nn.functional.conv2d(torch.from_numpy(x[None]),
-                                     torch.from_numpy(g.to_dense().reshape(weight.shape)),
-                                     stride=stride, padding=pad)[0].numpy()
-    got = sparse(g.values, g.col_idx, g.row_ptr, cols, out_shape=(oc, oh * oh))
-    _close(got.reshape(oc, oh, oh), ref)
+    sparse = CompiledKernel(cpu.group_sparse_gemm(oc, w2.shape[1], w, npix, host_spec), host_spec)
+    got = sparse(g.values, g.col_idx, g.row_ptr, cols, out_shape=(oc, npix))
+    _close(as_nchw(got), conv_ref(g.to_dense().reshape(weight.shape)))
 
 
 def test_vector_width_follows_target_lanes():

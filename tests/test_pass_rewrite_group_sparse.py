@@ -122,9 +122,8 @@ def test_unaligned_sparsity_is_still_exact(host_spec):
         mask = torch.rand_like(model.fc1.weight) < 0.01
         model.fc1.weight.mul_(mask)
     x = torch.randn(2, 784)
-    cfg = GroupSparseConfig(host_spec, min_sparsity=0.0, layers={layer_key(300, 784): 0.0,
-                                                                  layer_key(100, 300): 2.0,
-                                                                  layer_key(10, 100): 2.0})
+    cfg = GroupSparseConfig(host_spec, layers={layer_key((300, 784)): 0.0, layer_key((100, 300)): 2.0,
+                                               layer_key((10, 100)): 2.0})
     out = RewriteGroupSparse(cfg)(_import(model, x, "export"))
     assert len(_kernel_calls(out)) == 1
     np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
@@ -138,5 +137,64 @@ def test_threshold_keeps_moderately_sparse_layers_dense(host_spec):
 
 def test_a_setting_for_an_unknown_layer_is_a_clear_error(host_spec):
     mod = _import(MLP().eval(), torch.randn(1, 784), "export")
-    with pytest.raises(PlanError, match=r"linear:999x784.*match no"):
+    with pytest.raises(PlanError, match=r"linear:999x784.*match no constant-weight layer"):
         RewriteGroupSparse(GroupSparseConfig(host_spec, layers={"linear:999x784": 0.5}))(mod)
+
+
+class ConvNet(torch.nn.Module):
+    """LeNet-5's shapes plus a padded, strided conv: every conv2d attribute the rewrite handles."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 20, 5)
+        self.conv2 = torch.nn.Conv2d(20, 50, 5)
+        self.conv3 = torch.nn.Conv2d(50, 32, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(32 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.conv3(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _group_prune_convs(model, w, density, seed=0):
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for conv in (model.conv1, model.conv2, model.conv3):
+            w2 = F.flatten_per_filter(conv.weight.numpy())
+            keep = rng.random((w2.shape[0], -(-w2.shape[1] // w))) < density
+            conv.weight.copy_(torch.from_numpy(F.encode(w2, w, keep=keep).to_dense().reshape(conv.weight.shape)))
+    return model
+
+
+@pytest.mark.parametrize("path", ["export", "onnx"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_compiled_equals_masked_torch(host_spec, path, batch):
+    model = _group_prune_convs(ConvNet().eval(), host_spec.lanes(), 0.2, seed=batch)
+    x = torch.randn(batch, 1, 28, 28)
+    out = RewriteGroupSparse(GroupSparseConfig(host_spec))(_import(model, x, path))
+    gemms = sorted(gv.name_hint for gv in out.get_global_vars() if gv.name_hint.startswith("group_sparse_gemm"))
+    assert len(gemms) == 3, gemms  # conv1 has 25 inputs: 2 groups of 16, one kept per row at most
+    assert "relax.nn.conv2d" not in _ops(out)
+    np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_layer_keys_and_thresholds(host_spec):
+    model = _group_prune_convs(ConvNet().eval(), host_spec.lanes(), 0.2)
+    x = torch.randn(1, 1, 28, 28)
+    keep_dense = {layer_key((50, 20, 5, 5)): 2.0}
+    out = RewriteGroupSparse(GroupSparseConfig(host_spec, layers=keep_dense))(_import(model, x, "export"))
+    assert _ops(out).count("relax.nn.conv2d") == 1  # conv2 stays dense on request
+    np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_is_left_alone_and_still_compiles(host_spec):
+    conv = torch.nn.Conv2d(4, 8, 3, groups=2).eval()
+    with torch.no_grad():
+        conv.weight.mul_(0)
+    x = torch.randn(1, 4, 8, 8)
+    mod = _import(conv, x, "export")
+    out = RewriteGroupSparse(GroupSparseConfig(host_spec))(mod)
+    tvm.ir.assert_structural_equal(out, mod)
+    np.testing.assert_allclose(_run(out, host_spec, x), conv(x).detach().numpy(), rtol=1e-4, atol=1e-5)

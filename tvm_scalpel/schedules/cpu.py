@@ -355,28 +355,32 @@ def conv_out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return out
 
 
-def im2col(c: int, h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> tirx.PrimFunc:
-    """Cols[c·kh·kw, oh·ow] from X[c, h, w] (zero padding), the D operand of a conv as GEMM.
+def im2col(b: int, c: int, h: int, w: int, kh: int, kw: int, stride: tuple[int, int] = (1, 1),
+           pad: tuple[int, int] = (0, 0)) -> tirx.PrimFunc:
+    """Cols[c·kh·kw, b·oh·ow] from X[b, c, h, w] (NCHW, zero padding), the D operand of a conv as GEMM.
 
-    Row order (c, i, j) matches a conv weight flattened per filter, so O = W.reshape(oc, -1) · Cols.
+    Row order (c, i, j) matches a conv weight flattened per filter, so O = W.reshape(oc, -1) · Cols
+    is the conv of the whole batch in one GEMM, laid out O[oc, b, oh, ow].
     """
-    _check_dims(c=c, h=h, w=w, kh=kh, kw=kw, stride=stride)
-    oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(w, kw, stride, pad)
+    _check_dims(b=b, c=c, h=h, w=w, kh=kh, kw=kw, stride_h=stride[0], stride_w=stride[1])
+    sh, sw = stride
+    ph, pw = pad
+    oh, ow = conv_out_size(h, kh, sh, ph), conv_out_size(w, kw, sw, pw)
     rows = c * kh * kw
 
     @T.prim_func
-    def kernel(X: T.Buffer((c, h, w), F32), Cols: T.Buffer((rows, oh * ow), F32)):
+    def kernel(X: T.Buffer((b, c, h, w), F32), Cols: T.Buffer((rows, b * oh * ow), F32)):
         T.func_attr({"global_symbol": "im2col", "tir.noalias": True})
         for r in T.parallel(rows):
-            for y, x in T.grid(oh, ow):
-                Cols[r, y * ow + x] = T.if_then_else(
-                    0 <= y * stride - pad + r % (kh * kw) // kw
-                    and y * stride - pad + r % (kh * kw) // kw < h
-                    and 0 <= x * stride - pad + r % kw
-                    and x * stride - pad + r % kw < w,
-                    X[r // (kh * kw),
-                      T.max(T.min(y * stride - pad + r % (kh * kw) // kw, h - 1), 0),
-                      T.max(T.min(x * stride - pad + r % kw, w - 1), 0)],
+            for n, y, x in T.grid(b, oh, ow):
+                Cols[r, (n * oh + y) * ow + x] = T.if_then_else(
+                    0 <= y * sh - ph + r % (kh * kw) // kw
+                    and y * sh - ph + r % (kh * kw) // kw < h
+                    and 0 <= x * sw - pw + r % kw
+                    and x * sw - pw + r % kw < w,
+                    X[n, r // (kh * kw),
+                      T.max(T.min(y * sh - ph + r % (kh * kw) // kw, h - 1), 0),
+                      T.max(T.min(x * sw - pw + r % kw, w - 1), 0)],
                     T.float32(0),
                 )
 
