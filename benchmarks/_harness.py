@@ -72,15 +72,18 @@ def provenance(target: dict | None = None) -> dict:
 
 
 class CacheFlusher:
-    """Evicts caches between cold calls by writing a buffer three times the L3."""
+    """Evicts caches between cold calls by *reading* a buffer three times the L3.
+
+    Reading, not writing: a written buffer leaves up to an L3 (32 MiB) of dirty lines whose write-back
+    is then charged to the timed call. Measured here (4096x4096 matvec, 90 % groups): 732 us cold
+    after a write-flush, 364 us after a read-flush, while the dense 64 MiB matvec was unchanged.
+    """
 
     def __init__(self, nbytes: int = _FLUSH_BYTES):
-        self._buf = np.zeros(nbytes // 8, dtype=np.float64)
-        self._k = 0.0
+        self._buf = np.ones(nbytes // 8, dtype=np.float64)
 
-    def __call__(self) -> None:
-        self._k += 1.0
-        self._buf.fill(self._k)
+    def __call__(self) -> float:
+        return float(self._buf.sum())
 
 
 @dataclass
