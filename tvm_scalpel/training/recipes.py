@@ -1,0 +1,272 @@
+"""Named training recipes: the paper's schedules per model and hardware class, plus quick variants.
+
+MCU: SIMD-aware weight pruning only (w = the MCU's int16 lanes). GPU: node pruning only.
+CPU: node pruning, then SIMD-aware pruning (w = the CPU's fp32 lanes) on the layers that are sparse
+enough to beat dense there (FC layers, as in the paper, unless a profile says otherwise).
+``magnitude`` is traditional unstructured pruning, the paper's baseline; ``dense`` trains only.
+
+Values marked "assumed" are not in the released material (``scalpel-algorithms.md``) and were chosen
+here; everything else is as released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..models import DEFAULT_DATASET, canonical_name
+from ..target import HardwareClass, TargetLike, hardware_spec
+from .errors import TrainingError
+from .mask import MaskRule
+from .pruner import GroupConfig, LayerKind, MagnitudeConfig, NodeConfig, PruneConfig
+
+
+class StageKind(str, enum.Enum):
+    DENSE = "dense"  # plain training, before any mask exists
+    NODE = "node"  # node masks live, L1 penalty on beta
+    RETRAIN = "retrain"  # node masks frozen, weights retrained
+    GROUP = "group"  # SIMD-aware stage at a new threshold, then retraining
+    MAGNITUDE = "magnitude"  # traditional stage at a new sparsity, then retraining
+
+
+@dataclass(frozen=True)
+class Optim:
+    """SGD with momentum and a step schedule (``lr · gamma`` every ``lr_step`` epochs)."""
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int | None = None
+    lr_gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage. ``node_lambda`` is the L1 strength of NODE stages (``node_lambda_linear`` overrides
+    it for Linear layers); ``value`` is the GROUP threshold or the MAGNITUDE sparsity."""
+
+    kind: StageKind
+    epochs: int
+    optim: Optim
+    node_lambda: float = 0.0
+    node_lambda_linear: float | None = None
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise TrainingError(f"stage epochs: expected >= 0, found {self.epochs}")
+        if self.kind in (StageKind.GROUP, StageKind.MAGNITUDE) and self.value is None:
+            raise TrainingError(f"a {self.kind.value} stage needs a value (threshold or sparsity)")
+
+    @property
+    def label(self) -> str:
+        if self.kind is StageKind.NODE:
+            lam = f"{self.node_lambda:g}" + (f"/fc{self.node_lambda_linear:g}"
+                                             if self.node_lambda_linear is not None else "")
+            return f"node(l={lam})"
+        if self.value is not None:
+            return f"{self.kind.value}({self.value:g})"
+        return self.kind.value
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Dataset and input shaping; subsets make quick recipes quick."""
+
+    name: str
+    pad_to: int | None = None
+    channels: int = 1
+    train_subset: int | None = None
+    test_subset: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A full training schedule for one model on one hardware class."""
+
+    name: str
+    model: str
+    data: DataSpec
+    stages: tuple[Stage, ...]
+    hardware: HardwareClass | None = None
+    #: Target whose SIMD lanes set the group width (a shorthand, tag or target dict).
+    target: Any = None
+    group_dtype: str = "float32"
+    group_kinds: tuple[LayerKind, ...] = (LayerKind.LINEAR, LayerKind.CONV2D)
+    node: NodeConfig | None = None
+    magnitude: MagnitudeConfig | None = None
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+    batch_size: int = 64
+    seed: int = 0
+    notes: str = ""
+
+    def group_width(self) -> int | None:
+        """w from ``hardware_spec(target)``: never a literal."""
+        if not any(s.kind is StageKind.GROUP for s in self.stages):
+            return None
+        if self.target is None:
+            raise TrainingError(f"recipe {self.name!r} has group stages but no target to take w from")
+        return hardware_spec(self.target).lanes(self.group_dtype)
+
+    def prune_config(self) -> PruneConfig:
+        kinds = {s.kind for s in self.stages}
+        w = self.group_width()
+        return PruneConfig(
+            node=self.node if (StageKind.NODE in kinds or StageKind.RETRAIN in kinds) else None,
+            group=GroupConfig(width=w, kinds=self.group_kinds) if w else None,
+            magnitude=self.magnitude if StageKind.MAGNITUDE in kinds else None,
+        )
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def with_target(self, target: TargetLike) -> "Recipe":
+        """The same schedule with w taken from another target (e.g. AVX2's 8 lanes)."""
+        return replace(self, target=target)
+
+    def to_dict(self) -> dict[str, Any]:
+        def enc(v: Any) -> Any:
+            if isinstance(v, enum.Enum):
+                return v.value
+            if dataclasses.is_dataclass(v):
+                return {f.name: enc(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, (tuple, list)):
+                return [enc(x) for x in v]
+            if isinstance(v, dict):
+                return {k: enc(x) for k, x in v.items()}
+            return v
+        return enc(self)
+
+
+# ------------------------------------------------------------------ the paper's schedules
+_SIMD_OPT = Optim(lr=0.01, momentum=0.9, weight_decay=1e-4, lr_step=20)  # as released (LeNets)
+_LENET_DENSE = Stage(StageKind.DENSE, 60, _SIMD_OPT)  # assumed: the SIMD retraining schedule
+
+_TARGETS = {HardwareClass.MCU: ("cortex-m4", "int16"), HardwareClass.CPU: ("host", "float32"),
+            HardwareClass.GPU: (None, "float32")}
+
+_SIMD_THRESHOLDS = {
+    "lenet-300-100": (0.04, 0.05, 0.06, 0.07, 0.08),
+    "lenet-5": (0.04, 0.05, 0.06, 0.075, 0.080),
+    "convnet": (0.01, 0.015, 0.02),  # assumed: not released
+}
+
+
+def _node_stages(model: str) -> tuple[Stage, ...]:
+    if model == "lenet-300-100":
+        opt = Optim(lr=1e-3, lr_step=None)
+        return (*(Stage(StageKind.NODE, 60, opt, node_lambda=lam) for lam in (2e-4, 3e-4, 1e-3)),
+                Stage(StageKind.RETRAIN, 60, Optim(lr=0.1, lr_step=20)))  # retrain epochs/step assumed
+    if model == "lenet-5":
+        opt = Optim(lr=1e-3, lr_step=None)  # assumed: the LeNet-300-100 node lr
+        return (*(Stage(StageKind.NODE, 60, opt, node_lambda=lam, node_lambda_linear=1.5e-3)
+                  for lam in (1e-3, 4e-3, 6e-3, 9e-3)),
+                Stage(StageKind.RETRAIN, 60, Optim(lr=1e-3, lr_step=20)))
+    if model == "convnet":
+        opt = Optim(lr=1e-4, weight_decay=4e-3, lr_step=None)
+        return (*(Stage(StageKind.NODE, 60, opt, node_lambda=lam) for lam in (0.03, 0.04, 0.05, 0.06)),
+                Stage(StageKind.RETRAIN, 40, Optim(lr=0.1, weight_decay=4e-3, lr_step=15)))
+    raise TrainingError(f"no node schedule for {model!r}")
+
+
+def _dense_stages(model: str) -> tuple[Stage, ...]:
+    if model == "convnet":
+        # assumed: cifar10_full's momentum/decay, a higher lr with steps for Fashion-MNIST
+        return (Stage(StageKind.DENSE, 40, Optim(lr=0.01, weight_decay=4e-3, lr_step=15)),)
+    return (_LENET_DENSE,)
+
+
+def _group_stages(model: str) -> tuple[Stage, ...]:
+    epochs = 60 if model != "convnet" else 20
+    opt = _SIMD_OPT if model != "convnet" else Optim(lr=1e-3, weight_decay=4e-3, lr_step=10)
+    return tuple(Stage(StageKind.GROUP, epochs, opt, value=t) for t in _SIMD_THRESHOLDS[model])
+
+
+def _data(model: str) -> DataSpec:
+    ds = DEFAULT_DATASET[model]
+    if ds is None:
+        raise TrainingError(f"{model}: no real dataset is available offline to train it on")
+    if model == "convnet":
+        return DataSpec(ds, pad_to=32, channels=3)
+    return DataSpec(ds)
+
+
+def paper_recipe(model: str, hardware: HardwareClass | str, target: TargetLike | None = None) -> Recipe:
+    """The paper's schedule for ``model`` on ``hardware`` ('mcu', 'cpu', 'gpu', 'magnitude', 'dense')."""
+    model = canonical_name(model)
+    hw_name = hardware.value if isinstance(hardware, HardwareClass) else str(hardware).lower()
+    data = _data(model)
+    dense = _dense_stages(model)
+    beta = {"nin": 0.82, "alexnet": 0.81}.get(model, 0.802)
+    node = NodeConfig(rule=MaskRule(beta_max=beta))
+    if hw_name == "dense":
+        return Recipe(f"{model}/dense", model, data, dense)
+    if hw_name == "magnitude":
+        opt = dense[0].optim
+        stages = tuple(Stage(StageKind.MAGNITUDE, 20, opt, value=s) for s in (0.5, 0.7, 0.8, 0.9))
+        return Recipe(f"{model}/magnitude", model, data, dense + stages, magnitude=MagnitudeConfig(),
+                      notes="assumed: Han et al.-style iterative schedule, 20 epochs a stage")
+    hw = HardwareClass(hw_name)
+    default_target, dtype = _TARGETS[hw]
+    target = target if target is not None else default_target
+    if hw is HardwareClass.MCU:
+        stages = dense + _group_stages(model)
+        return Recipe(f"{model}/mcu", model, data, stages, hw, target, dtype)
+    if hw is HardwareClass.GPU:
+        return Recipe(f"{model}/gpu", model, data, dense + _node_stages(model), hw, target, dtype, node=node)
+    # CPU: node everywhere, then SIMD-aware groups on the FC layers.
+    stages = dense + _node_stages(model) + _group_stages(model)
+    return Recipe(f"{model}/cpu", model, data, stages, hw, target, dtype,
+                  group_kinds=(LayerKind.LINEAR,), node=node)
+
+
+def quick(recipe: Recipe, *, epochs: int = 1, train_subset: int | None = 12000,
+          test_subset: int | None = 2000, max_group_stages: int = 2) -> Recipe:
+    """A minutes-long version for demos and tests: few epochs, a data subset, the first group stages,
+    the last node stage at a higher lr. Accuracies and kept counts are not the paper's.
+    """
+    stages = []
+    groups = [s for s in recipe.stages if s.kind in (StageKind.GROUP, StageKind.MAGNITUDE)]
+    keep_groups = set(map(id, groups[:max_group_stages]))
+    node_stages = [s for s in recipe.stages if s.kind is StageKind.NODE]
+    for s in recipe.stages:
+        if s.kind in (StageKind.GROUP, StageKind.MAGNITUDE) and id(s) not in keep_groups:
+            continue
+        if s.kind is StageKind.NODE and s is not node_stages[-1]:
+            continue
+        opt = replace(s.optim, lr_step=None, lr=min(s.optim.lr, 0.05))
+        if s.kind is StageKind.NODE:
+            # Only the last (strongest) lambda, at 10× the lr: gradient and L1 step both speed up, so
+            # the balance that decides which nodes survive (lambda vs. grad_beta) stays the paper's.
+            opt = replace(opt, lr=s.optim.lr * 10)
+        stages.append(replace(s, epochs=epochs, optim=opt))
+    data = replace(recipe.data, train_subset=train_subset, test_subset=test_subset)
+    return replace(recipe, name=f"{recipe.name}/quick", stages=tuple(stages), data=data)
+
+
+TRAINABLE_MODELS = ("lenet-300-100", "lenet-5", "convnet")
+RECIPE_KINDS = ("dense", "mcu", "cpu", "gpu", "magnitude")
+
+
+def recipe_names() -> list[str]:
+    """Every named recipe; append '/quick' for the quick variant."""
+    return [f"{m}/{k}" for m in TRAINABLE_MODELS for k in RECIPE_KINDS]
+
+
+def get_recipe(name: str, target: TargetLike | None = None) -> Recipe:
+    """'lenet-5/cpu', 'convnet/gpu/quick', ...; ``target`` overrides where w comes from."""
+    parts = name.strip().lower().split("/")
+    is_quick = parts[-1] == "quick"
+    if is_quick:
+        parts = parts[:-1]
+    if len(parts) != 2 or parts[1] not in RECIPE_KINDS:
+        raise TrainingError(f"unknown recipe {name!r}: expected MODEL/KIND[/quick] with KIND in "
+                            f"{RECIPE_KINDS}, e.g. {recipe_names()[:3]}")
+    model = canonical_name(parts[0])
+    if model not in TRAINABLE_MODELS:
+        raise TrainingError(f"no recipe for {model!r}: only {TRAINABLE_MODELS} have real data offline")
+    r = paper_recipe(model, parts[1], target)
+    return quick(r) if is_quick else r

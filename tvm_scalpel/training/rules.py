@@ -1,0 +1,57 @@
+"""Pure weight-pruning rules (numpy in, boolean masks out): Scalpel's SIMD-aware groups and Han's magnitude.
+
+Kept separate from the lifecycle so they can be tested number by number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import formats
+from .errors import TrainingError
+
+
+def simd_group_keep(weight: np.ndarray, w: int, threshold: float) -> np.ndarray:
+    """Which aligned 1×w groups to keep, shape (rows, ceil(K/w)).
+
+    A group is pruned iff its RMS < ``threshold`` (absolute, the same for every layer); the last group
+    of every row is always kept, as in the released code.
+    """
+    if threshold < 0:
+        raise TrainingError(f"group threshold: expected a non-negative RMS, found {threshold}")
+    w2 = formats.flatten_per_filter(np.asarray(weight))
+    if w2.shape[0] == 0:
+        return np.zeros((0, -(-w2.shape[1] // w)), dtype=bool)
+    keep = formats.group_rms(w2, w) >= threshold
+    keep[:, -1] = True
+    return keep
+
+
+def expand_groups(keep: np.ndarray, k: int, w: int) -> np.ndarray:
+    """(rows, n_groups) group mask → (rows, k) element mask (the ragged last group cropped)."""
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape[1] != -(-k // w):
+        raise TrainingError(f"expand_groups: {keep.shape[1]} groups cannot cover K={k} at w={w}")
+    return np.repeat(keep, w, axis=1)[:, :k]
+
+
+def magnitude_keep(weight: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep all but the ``sparsity`` fraction of smallest-|w| weights (unstructured, Han et al.).
+
+    Weights already zero are the smallest, so raising ``sparsity`` stage by stage is cumulative.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise TrainingError(f"magnitude sparsity: expected a fraction in [0, 1), found {sparsity}")
+    a = np.abs(np.asarray(weight)).ravel()
+    n_prune = int(round(sparsity * a.size))
+    keep = np.ones(a.size, dtype=bool)
+    keep[np.argsort(a, kind="stable")[:n_prune]] = False
+    return keep.reshape(np.shape(weight))
+
+
+def magnitude_keep_std(weight: np.ndarray, quality: float) -> np.ndarray:
+    """Han et al.'s per-layer rule: prune |w| < quality · std(w)."""
+    if quality < 0:
+        raise TrainingError(f"magnitude quality: expected a non-negative factor, found {quality}")
+    weight = np.asarray(weight)
+    return np.abs(weight) >= quality * float(weight.std())
