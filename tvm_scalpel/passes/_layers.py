@@ -1,0 +1,188 @@
+"""Shared matching for the layer-lowering passes: find constant-weight Linear / Conv2d calls and emit
+kernel calls for them. Each pass decides *which* kernel; this module knows how layers look in Relax.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator
+
+from .. import formats
+from ..compat import constant_array, with_root_block
+from ..errors import PlanError
+from ..schedules import cpu
+
+logger = logging.getLogger(__name__)
+
+F32 = "float32"
+
+
+def layer_key(weight_shape: tuple[int, ...]) -> str:
+    """``linear:OUTxIN`` for a 2-D [out, in] weight, ``conv2d:OCxICxKHxKW`` for an OIHW weight."""
+    kind = "linear" if len(weight_shape) == 2 else "conv2d"
+    return f"{kind}:" + "x".join(str(int(d)) for d in weight_shape)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``matmul(x, Wᵀ)`` with a constant weight [out, in] and a static [batch, in] fp32 input."""
+
+    x: relax.Expr
+    weight: np.ndarray  # [out, in]
+    batch: int
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.weight.shape)
+
+
+@dataclass(frozen=True)
+class Conv2d:
+    """A plain NCHW/OIHW conv2d (groups 1, dilation 1, symmetric padding), constant weight."""
+
+    x: relax.Expr
+    weight: np.ndarray  # [oc, ic, kh, kw]
+    shape: tuple[int, int, int, int]  # the input's (b, c, h, w)
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.weight.shape)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        kh, kw = self.weight.shape[2:]
+        return (cpu.conv_out_size(self.shape[2], kh, self.stride[0], self.pad[0]),
+                cpu.conv_out_size(self.shape[3], kw, self.stride[1], self.pad[1]))
+
+
+def static_shape(x: relax.Expr, ndim: int) -> list[int] | None:
+    """x's shape if it is a static fp32 tensor of rank ``ndim``, else None."""
+    ty = x.ty
+    if not isinstance(ty, relax.TensorType) or ty.ndim != ndim or ty.dtype != F32 or ty.shape is None:
+        return None
+    dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
+    return None if None in dims else dims
+
+
+class LayerRewriter(PyExprMutator):
+    """Base mutator: calls ``rewrite_linear`` / ``rewrite_conv2d`` for every matched layer (their
+    result replaces the call; returning None leaves the call alone) and records the layer keys seen."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.seen_keys: set[str] = set()
+
+    # -- subclass hooks --------------------------------------------------------------------------
+    def rewrite_linear(self, layer: Linear) -> relax.Expr | None:
+        return None
+
+    def rewrite_conv2d(self, layer: Conv2d) -> relax.Expr | None:
+        return None
+
+    # -- matching ----------------------------------------------------------------------------------
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
+        call = self.visit_expr_post_order(call)
+        layer = None
+        if call.op == tvm.ir.Op.get("relax.matmul"):
+            layer = self._match_linear(call)
+        elif call.op == tvm.ir.Op.get("relax.nn.conv2d"):
+            layer = self._match_conv2d(call)
+        if layer is None:
+            return call
+        self.seen_keys.add(layer.key)
+        out = self.rewrite_linear(layer) if isinstance(layer, Linear) else self.rewrite_conv2d(layer)
+        return call if out is None else out
+
+    def _bound(self, expr: relax.Expr) -> relax.Expr:
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            return bound if bound is not None else expr
+        return expr
+
+    def _weight_nk(self, rhs: relax.Expr) -> np.ndarray | None:
+        """The [out, in] weight behind a matmul's right operand, if it is a constant."""
+        rhs = self._bound(rhs)
+        direct = constant_array(rhs)
+        if direct is not None:
+            return direct.T if direct.ndim == 2 else None
+        if isinstance(rhs, relax.Call) and rhs.op == tvm.ir.Op.get("relax.permute_dims"):
+            w = constant_array(self._bound(rhs.args[0]))
+            axes = rhs.attrs.axes
+            if w is not None and w.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+                return w
+        return None
+
+    def _match_linear(self, call: relax.Call) -> Linear | None:
+        x, rhs = call.args
+        shape = static_shape(x, ndim=2)
+        weight = self._weight_nk(rhs)
+        if shape is None or weight is None or weight.dtype != np.float32:
+            return None
+        return Linear(x=x, weight=weight, batch=shape[0])
+
+    def _match_conv2d(self, call: relax.Call) -> Conv2d | None:
+        x, wexpr = call.args
+        a = call.attrs
+        shape = static_shape(x, ndim=4)
+        weight = constant_array(self._bound(wexpr))
+        pad = [int(p) for p in a.padding]
+        plain = (a.data_layout == "NCHW" and a.kernel_layout == "OIHW" and a.out_layout == "NCHW"
+                 and int(a.groups) == 1 and all(int(d) == 1 for d in a.dilation)
+                 and pad[0] == pad[2] and pad[1] == pad[3])
+        if shape is None or weight is None or weight.dtype != np.float32 or not plain:
+            logger.debug("skip conv2d %s: not a plain NCHW fp32 conv with a constant weight", a)
+            return None
+        return Conv2d(x=x, weight=weight, shape=tuple(shape), stride=tuple(int(s) for s in a.strides),
+                      pad=(pad[0], pad[1]))
+
+    # -- emitting ------------------------------------------------------------------------------------
+    def add_kernel(self, func: tvm.tirx.PrimFunc, name: str) -> tvm.ir.GlobalVar:
+        """Add a kernel (the builder dedupes identical ones). op_pattern 8 (opaque): it is scheduled
+        already, and FuseOps must not merge it."""
+        func = with_root_block(func).with_attr("global_symbol", name).with_attr("op_pattern", 8)
+        return self.builder_.add_func(func, name)
+
+    def emit_conv_gemm(self, layer: Conv2d, gemm: tvm.tirx.PrimFunc, gemm_name: str,
+                       weight_args: list[relax.Expr]) -> relax.Expr:
+        """im2col of the whole batch, ``gemm(*weight_args, cols)`` → O[oc, b·oh·ow], back to NCHW."""
+        b, c, h, w = layer.shape
+        oc, _, kh, kw = layer.weight.shape
+        oh, ow = layer.out_hw
+        npix = b * oh * ow
+        tag = f"{c}x{h}x{w}_k{kh}x{kw}_s{layer.stride[0]}x{layer.stride[1]}_p{layer.pad[0]}x{layer.pad[1]}_b{b}"
+        im2col = self.add_kernel(cpu.im2col(b, c, h, w, kh, kw, layer.stride, layer.pad), f"im2col_{tag}")
+        cols = self.builder_.emit(relax.call_tir(im2col, [layer.x], out_ty=relax.TensorType(
+            (c * kh * kw, npix), F32)))
+        gv = self.add_kernel(gemm, gemm_name)
+        out = self.builder_.emit(relax.call_tir(gv, [*weight_args, cols], out_ty=relax.TensorType(
+            (oc, npix), F32)))
+        if b == 1:
+            return relax.op.reshape(out, (1, oc, oh, ow))
+        out = self.builder_.emit(relax.op.reshape(out, (oc, b, oh, ow)))
+        return relax.op.permute_dims(out, [1, 0, 2, 3])
+
+
+def run_layer_pass(mod: tvm.IRModule, rewriter: LayerRewriter, configured_keys, pass_name: str):
+    """Apply a LayerRewriter to every Relax function; unknown per-layer keys are a PlanError."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    unknown = set(configured_keys) - rewriter.seen_keys
+    if unknown:
+        raise PlanError(f"{pass_name}: per-layer settings for {sorted(unknown)} match no constant-weight "
+                        f"layer; the module has {sorted(rewriter.seen_keys)}")
+    out = rewriter.builder_.get()
+    return relax.transform.DeadCodeElimination()(out)
+
+
+def encoded_constants(weight_2d: np.ndarray, w: int) -> list[relax.Expr]:
+    """values, col_idx, row_ptr of the group-sparse encoding, as Relax constants."""
+    g = formats.encode(weight_2d, w)
+    return [relax.const(np.array(a)) for a in (g.values, g.col_idx, g.row_ptr)]
