@@ -52,8 +52,8 @@ def constant_array(expr: Any) -> np.ndarray | None:
 
     0.27: Relax constants are ``tvm.ir.expr.Constant`` (``GenericConst``) with the tensor in ``.value``.
     """
-    if isinstance(expr, tvm.ir.expr.Constant):
-        return expr.value.numpy()
+    if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy"):
+        return expr.value.numpy()  # (scalar constants share the class, with a Python value)
     return None
 
 
