@@ -70,3 +70,26 @@ def with_root_block(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
     block = s_tir.SBlock([], [], [], "root", func.body)
     return func.with_body(s_tir.SBlockRealize([], True, block))
+
+
+def ensure_cuda_compiler() -> None:
+    """Make TVM compile CUDA with a compiler this machine has.
+
+    0.27 defaults to NVRTC, which needs the ``cuda-bindings`` package; without it, fall back to nvcc
+    (``TVM_CUDA_COMPILE_MODE=nvcc``) when nvcc is on the PATH, else say what to install.
+    """
+    import importlib.util
+    import os
+    import shutil
+
+    import tvm.support.nvcc  # noqa: F401  (registers TVM's CUDA compile callback)
+
+    if importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings"):
+        return
+    if shutil.which("nvcc"):
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+        return
+    from .errors import TargetError
+
+    raise TargetError("building for CUDA needs NVRTC (pip install cuda-bindings) or nvcc on the PATH; "
+                      "found neither")

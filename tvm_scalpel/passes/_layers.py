@@ -146,7 +146,8 @@ class LayerRewriter(PyExprMutator):
     def add_kernel(self, func: tvm.tirx.PrimFunc, name: str) -> tvm.ir.GlobalVar:
         """Add a kernel (the builder dedupes identical ones). op_pattern 8 (opaque): it is scheduled
         already, and FuseOps must not merge it."""
-        func = with_root_block(func).with_attr("global_symbol", name).with_attr("op_pattern", 8)
+        func = (with_root_block(func).with_attr("global_symbol", name).with_attr("op_pattern", 8)
+                .with_attr("tir.is_scheduled", True))
         return self.builder_.add_func(func, name)
 
     def emit_conv_gemm(self, layer: Conv2d, gemm: tvm.tirx.PrimFunc, gemm_name: str,

@@ -1,0 +1,76 @@
+"""The one build flow: ``pipeline(target)`` as ``tvm.compile(mod, target, relax_pipeline=...)``, or
+``build(mod, target)`` in one call.
+
+CPU (llvm): FoldNodeMasks → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
+→ ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
+kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): FoldNodeMasks, then TVM's CUDA
+pipeline (dlight schedules every op). The Cortex-M path is not built yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import tvm
+from tvm import relax
+
+from .compat import ensure_cuda_compiler
+from .errors import TargetError
+from .passes.fold_node_masks import FoldConfig, FoldNodeMasks
+from .passes.rewrite_dense import DenseConfig, RewriteDense
+from .passes.rewrite_group_sparse import GroupSparseConfig, RewriteGroupSparse
+from .passes.schedule_remaining import ScheduleRemaining
+from .target import HardwareClass, TargetLike, hardware_spec
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """Per-layer compile decisions. ``layer_thresholds`` maps a layer key (``passes._layers.layer_key``)
+    to the minimum fraction of zero groups for the group-sparse kernel (> 1 keeps it dense)."""
+
+    group_width: int | None = None
+    layer_thresholds: Mapping[str, float] = field(default_factory=dict)
+    round_to: int = 1
+
+
+def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transform.Pass:
+    spec = hardware_spec(target)
+    plan = plan or CompilePlan()
+    fold = FoldNodeMasks(FoldConfig(round_to=plan.round_to))
+    if spec.hardware_class is HardwareClass.GPU:
+        default = relax.get_default_pipeline(spec.target)
+        return tvm.transform.Sequential([fold, default], name="scalpel_gpu")
+    if spec.hardware_class is not HardwareClass.CPU:
+        raise TargetError(f"tvm_scalpel.build: the {spec.hardware_class.value} path ({spec.cpu}) is not "
+                          "built yet; expected a CPU (llvm) or CUDA target")
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target_obj = spec.target
+    ours = [
+        fold,
+        RewriteGroupSparse(GroupSparseConfig(spec, width=plan.group_width, layers=plan.layer_thresholds)),
+        RewriteDense(DenseConfig(spec)),
+    ]
+    tvm_lowering = (cpu.library_dispatch_passes(target_obj) + cpu.legalize_passes(target_obj)
+                    + [ScheduleRemaining(spec)] + cpu.dataflow_lower_passes(target_obj)
+                    + cpu.finalize_passes(target_obj))
+
+    @tvm.transform.module_pass(opt_level=0, name="scalpel_cpu")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = tvm.transform.Sequential(ours)(mod)
+        with target_obj:
+            return tvm.transform.Sequential(tvm_lowering)(mod)
+
+    return _pipeline
+
+
+def build(mod: tvm.IRModule, target: TargetLike, plan: CompilePlan | None = None) -> Any:
+    """Compile a Relax module (from torch.export or ONNX) for ``target``; returns the executable."""
+    spec = hardware_spec(target)
+    tgt = spec.target
+    if spec.hardware_class is HardwareClass.GPU:
+        ensure_cuda_compiler()
+        if tgt.host is None:
+            tgt = tvm.target.Target(tgt, host={"kind": "llvm"})
+    return tvm.compile(mod, tgt, relax_pipeline=pipeline(target, plan))
