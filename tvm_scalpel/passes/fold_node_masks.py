@@ -355,7 +355,9 @@ class FoldNodeMasks:
                     continue
                 folder = _Folder(mod, edits)
                 folder.builder_.update_func(gv, folder.visit_expr(func))
-                mod = relax.transform.DeadCodeElimination()(folder.builder_.get())
+                # Deleted mask multiplies leave `m = a` aliases; canonicalise them away, drop dead bindings.
+                mod = relax.transform.CanonicalizeBindings()(folder.builder_.get())
+                mod = relax.transform.DeadCodeElimination()(mod)
                 for name, kept, total in report:
                     logger.debug("FoldNodeMasks: %s keeps %d of %d nodes", name, kept, total)
                 changed = True
