@@ -151,3 +151,38 @@ def test_unchanged_when_nothing_is_dead_idempotent_and_input_untouched():
     once = FoldNodeMasks()(mod)
     tvm.ir.assert_structural_equal(FoldNodeMasks()(once), once)
     assert mod.script(show_meta=True) == before
+
+
+@pytest.mark.parametrize("path", ["export", "onnx"])
+def test_convnet_folds_through_within_channel_lrn(host_spec, path):
+    from tvm_scalpel.models import build_model
+
+    model = build_model("convnet").eval()
+    with torch.no_grad():
+        for name, dead in (("conv1", [0, 3, 5, 7, 9]), ("conv2", [1, 2]), ("conv3", list(range(0, 64, 3)))):
+            _kill_rows(getattr(model, name), torch.tensor(dead))
+    x = model.example_input(2)
+    out = FoldNodeMasks()(_import(model, x, path))
+    assert _weights(out) == [(27, 3, 5, 5), (30, 27, 5, 5), (42, 30, 5, 5), (10, 42 * 16)]
+    np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+class Sigmoid(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 6)
+        self.fc2 = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.sigmoid(self.fc1(x)))
+
+
+def test_zero_rows_before_sigmoid_are_not_dead(host_spec):
+    """sigmoid(0) = 0.5: a zero row still feeds the next layer, so nothing may be removed."""
+    model = Sigmoid().eval()
+    _kill_rows(model.fc1, torch.tensor([0, 2]))
+    x = torch.randn(2, 8)
+    mod = _import(model, x, "export")
+    out = FoldNodeMasks()(mod)
+    tvm.ir.assert_structural_equal(out, mod)
+    np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)

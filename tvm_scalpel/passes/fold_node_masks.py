@@ -1,12 +1,16 @@
 """FoldNodeMasks: remove dead nodes (neurons / channels) and shrink the dense layers around them.
 
-A chain ``producer → [bias add] → (relu | 0/1 mask multiply | max/avg pool | flatten)* → consumer``,
+A chain ``producer → [bias add] → (relu | 0/1 mask multiply | max/avg pool | per-channel region |
+flatten)* → consumer``,
 where producer and consumer are constant-weight Linear or plain Conv2d layers and every intermediate
 value has the chain as its only user, is shrunk to the kept nodes. A node is dead when
 
 - an explicit mask multiplies it by 0 (a mask layer exported as ``multiply`` by a constant 0/1 vector),
-- its producer row and bias are zero (every op in the chain maps 0 to 0), or
+- its producer row and bias are zero and every op in the chain maps a zero node to zero, or
 - every consumer column that reads it is zero (through a flatten: its H·W consecutive inputs).
+
+A per-channel region is a sub-graph of per-channel elementwise ops with scalar constants and pools that
+rejoins in one value, such as within-channel LRN, x·(1 + α·avgpool(x²))^-β.
 
 The producer's rows and bias and the consumer's columns are sliced and mask multiplies (1 for every kept
 node) are deleted. A node with another reader (a branch, a residual add, a concat, the output) stops the
@@ -57,6 +61,7 @@ class _Chain:
     masks: list[tuple[relax.Call, np.ndarray, int]] = field(default_factory=list)  # call, keep, chain operand
     flatten: relax.Call | None = None
     spatial: int = 1  # H·W at the flatten: a channel feeds that many consecutive Linear inputs
+    zero_preserving: bool = True  # a dead node's 0 stays 0 through the chain (needed by the zero-row rule)
 
     @property
     def nodes(self) -> int:
@@ -163,15 +168,22 @@ def _find_chain(graph: _Graph, var: relax.Var, producer: relax.Call) -> _Chain |
     spatial_ndim = conv
     while True:
         users = graph.users.get(cur, [])
-        if spatial_ndim and len(users) == 2:  # torch.export's max_pool2d: (out, zeros_like(out))[0]
-            cur = _through_pool_tuple(graph, cur, users)
+        if spatial_ndim and len(users) == 2 and any(_is(u[1], "relax.zeros_like") for u in users):
+            cur = _through_pool_tuple(graph, cur, users)  # torch.export's max_pool2d: (out, zeros_like)[0]
             if cur is None:
                 return None
+            continue
+        if len(users) > 1 or (users and _channelwise(graph, users[0][1], {cur}) and not _simple(graph, users[0][1])):
+            region = _through_channel_region(graph, cur, spatial_ndim)
+            if region is None:
+                return None
+            cur, zero = region
+            chain.zero_preserving &= zero
             continue
         nxt_var, nxt = graph.only_user(cur)
         if nxt is None:
             return None
-        if _is(nxt, "relax.nn.relu") or (spatial_ndim and isinstance(nxt, relax.Call) and nxt.op.name in _POOLS):
+        if _is(nxt, "relax.nn.relu") or (spatial_ndim and _is_op(nxt) and nxt.op.name in _POOLS):
             cur = nxt_var
         elif _is(nxt, "relax.multiply"):
             idx = 0 if nxt.args[0].same_as(cur) else 1
@@ -197,6 +209,94 @@ def _find_chain(graph: _Graph, var: relax.Var, producer: relax.Call) -> _Chain |
             return chain
 
 
+_UNARY_ZERO = {"relax.nn.relu": True, "relax.tanh": True, "relax.sqrt": True, "relax.negative": True,
+               "relax.abs": True, "relax.sigmoid": False, "relax.exp": False}
+_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power")
+
+
+def _simple(graph: _Graph, call) -> bool:
+    """Ops the straight chain walker handles itself: relu, pools, a multiply by a per-node mask."""
+    if _is(call, "relax.nn.relu") or (_is_op(call) and call.op.name in _POOLS):
+        return True
+    if _is(call, "relax.multiply"):
+        return any(graph.const(a) is not None and graph.const(a).size > 1 for a in call.args)
+    return False
+
+
+def _is_op(call) -> bool:
+    return isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+
+
+def _scalar(graph: _Graph, expr) -> float | None:
+    """The value of a scalar constant (a size-1 tensor, or a Python-valued Constant), else None."""
+    if isinstance(expr, tvm.ir.expr.Constant) and isinstance(expr.value, (int, float)):
+        return float(expr.value)
+    arr = graph.const(expr)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
+def _channelwise(graph: _Graph, call, region: set) -> bool:
+    """A per-channel op of region tensors and scalar constants (it keeps channels independent)."""
+    if not _is_op(call):
+        return False
+    name = call.op.name
+    if name in _UNARY_ZERO or name in _POOLS:
+        return call.args[0] in region
+    if name in _BINARY:
+        tensors = [a for a in call.args if a in region]
+        others = [a for a in call.args if a not in region]
+        return bool(tensors) and all(_scalar(graph, a) is not None for a in others)
+    return False
+
+
+def _zero_kept(graph: _Graph, call, region_zero: dict) -> bool:
+    """Does ``call`` map an all-zero channel to zero, given which region inputs do?"""
+    name = call.op.name
+    zero = [region_zero.get(a) if a in region_zero else None for a in call.args]
+    if name in _POOLS:
+        return zero[0]
+    if name in _UNARY_ZERO:
+        return zero[0] and _UNARY_ZERO[name]
+    consts = [_scalar(graph, a) if a not in region_zero else None for a in call.args]
+    if name == "relax.multiply":
+        return any(z for z in zero if z) or any(c == 0 for c in consts if c is not None)
+    if name == "relax.divide":
+        return bool(zero[0])
+    if name == "relax.power":
+        return bool(zero[0]) and consts[1] is not None and consts[1] > 0
+    # add / subtract: zero only if every operand is
+    return all(z if z is not None else c == 0 for z, c in zip(zero, consts))
+
+
+def _through_channel_region(graph: _Graph, start: relax.Var, spatial: bool):
+    """Step over a per-channel sub-graph that starts at ``start`` and rejoins in one value (e.g.
+    within-channel LRN: x · (1 + α·avgpool(x²))^-β). Returns (exit var, zero-preserving) or None."""
+    region = {start: True}  # var -> maps a dead (zero) channel to zero
+    frontier = [start]
+    while frontier:
+        var = frontier.pop()
+        for user_var, user in graph.users.get(var, []):
+            if user_var is None or user_var in region:
+                continue
+            if not _channelwise(graph, user, set(region)):
+                continue
+            if not all(a in region or _scalar(graph, a) is not None for a in user.args):
+                continue  # waits until its other region operand is reached
+            if user.op.name in _POOLS and not spatial:
+                return None
+            region[user_var] = _zero_kept(graph, user, region)
+            frontier.append(user_var)
+    exits = [v for v in region if any(u[0] not in region for u in graph.users.get(v, []))]
+    if len(exits) != 1 or exits[0] is start:
+        return None
+    # Every region value must feed the region only, except the exit; every op must have been reached.
+    for v in region:
+        outside = [u for u in graph.users.get(v, []) if u[0] not in region]
+        if v is not exits[0] and outside:
+            return None
+    return exits[0], region[exits[0]]
+
+
 def _through_pool_tuple(graph: _Graph, cur: relax.Var, users) -> relax.Var | None:
     """Step over ``t = (cur, zeros_like(cur)); y = t[0]`` (how torch.export imports max_pool2d)."""
     zeros = [u for u in users if _is(u[1], "relax.zeros_like")]
@@ -216,11 +316,12 @@ def _dead(chain: _Chain) -> np.ndarray:
     dead = np.zeros(chain.nodes, bool)
     for _, keep, _ in chain.masks:
         dead |= ~keep
-    rows = chain.weight.reshape(chain.nodes, -1)
-    zero_out = ~np.any(rows != 0, axis=1)
-    if chain.bias is not None:
-        zero_out &= chain.bias == 0
-    dead |= zero_out
+    if chain.zero_preserving:
+        rows = chain.weight.reshape(chain.nodes, -1)
+        zero_out = ~np.any(rows != 0, axis=1)
+        if chain.bias is not None:
+            zero_out &= chain.bias == 0
+        dead |= zero_out
     cols = _consumer_columns(chain)
     dead |= ~np.any(cols != 0, axis=(0, 2))
     return dead
