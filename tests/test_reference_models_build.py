@@ -46,3 +46,54 @@ def test_random_masks_compiled_equals_masked_torch(host_spec, name, path):
         ref = model(x).numpy()
     assert np.abs(ref).max() > 0
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+class ResidualNet(torch.nn.Module):
+    """A conv trunk with a residual add and a branch (concat): coupled nodes must stay exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.fc1 = torch.nn.Linear(24 * 7 * 7, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h)) + h  # residual: c1's channels have two readers
+        h = torch.nn.functional.max_pool2d(h, 4)
+        h = torch.cat([h, torch.relu(self.c3(h))], dim=1)  # branch + concat
+        return self.fc2(torch.relu(self.fc1(torch.flatten(h, 1))))
+
+    def example_input(self, batch):
+        return torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+class GroupedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(4, 16, 3)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, groups=2)  # AlexNet-style grouped conv
+        self.fc = torch.nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.flatten(torch.nn.functional.max_pool2d(h, 3), 1))
+
+    def example_input(self, batch):
+        return torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("path", ["export", "onnx"])
+@pytest.mark.parametrize("net", [ResidualNet, GroupedNet])
+def test_branching_and_grouped_models_stay_exact(host_spec, net, path):
+    model = _random_prune(net().eval(), host_spec.lanes(), seed=7)
+    x = model.example_input(2) * 10
+    mod = _import(model, x, path)
+    out = relax.VirtualMachine(tvm_scalpel.build(mod, "host"), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    out = (out if hasattr(out, "numpy") else out[0]).numpy()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(ref).max() > 0
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
