@@ -39,3 +39,11 @@ def test_module_without_layers_is_unchanged(host_spec):
     relu = torch.nn.ReLU().eval()
     mod = _import(relu, torch.randn(2, 8), "export")
     tvm.ir.assert_structural_equal(RewriteDense(DenseConfig(host_spec))(mod), mod)
+
+
+def test_idempotent_and_input_not_mutated(host_spec):
+    mod = _import(ConvNet().eval(), torch.randn(1, 1, 28, 28), "export")
+    before = mod.script(show_meta=True)
+    once = RewriteDense(DenseConfig(host_spec))(mod)
+    tvm.ir.assert_structural_equal(RewriteDense(DenseConfig(host_spec))(once), once)
+    assert mod.script(show_meta=True) == before
