@@ -1,0 +1,64 @@
+"""Hardware profiling: crossover logic, real measurement structure, and the JSON cache."""
+
+import pytest
+
+from tvm_scalpel import PlanError
+from tvm_scalpel.profiling import (KERNEL_VERSION, HardwareProfile, LayerProfile, LayerShape, cache_path,
+                                   measure_layer, profile)
+
+
+def _lp(dense, sparse, sparsities=(0.0, 0.5, 0.7, 0.9)):
+    return LayerProfile(shape=LayerShape("linear", 8, 16, 1), w=16, sparsities=sparsities, dense_us=dense,
+                        sparse_us=tuple(sparse))
+
+
+def test_crossover_is_where_sparse_wins_for_good():
+    assert _lp(10, [12, 9, 6, 3]).crossover == 0.5
+    assert _lp(10, [12, 9, 11, 3]).crossover == 0.9  # a loss at 70 % moves it up
+    assert _lp(10, [12, 11, 11, 10.5]).crossover is None
+    assert _lp(10, [5, 4, 3, 2]).crossover == 0.0
+
+
+def test_measure_layer_real_kernels(host_spec):
+    prof = measure_layer(LayerShape("linear", 64, 256, 1), host_spec, sparsities=(0.0, 0.9),
+                         number=5, repeat=3)
+    assert prof.w == host_spec.lanes() and prof.dense_us > 0 and len(prof.sparse_us) == 2
+    assert all(t > 0 for t in prof.sparse_us)
+    conv = measure_layer(LayerShape("conv2d", 16, 75, 64), host_spec, sparsities=(0.5,), number=5, repeat=3)
+    assert conv.dense_us > 0 and conv.sparse_us[0] > 0
+
+
+def test_cache_round_trip_and_reuse(host_spec, tmp_path):
+    calls = []
+
+    def fake_measure(shape, spec, **kw):
+        calls.append(shape)
+        return LayerProfile(shape=shape, w=spec.lanes(), sparsities=(0.0, 0.9), dense_us=10.0,
+                            sparse_us=(12.0, 2.0))
+
+    a, b = LayerShape("linear", 300, 784, 1), LayerShape("conv2d", 50, 500, 64)
+    first = profile(host_spec, [a, b, a], cache_dir=tmp_path, measure=fake_measure)
+    assert calls == [a, b] and [lp.shape for lp in first.layers] == [a, b]
+    again = profile(host_spec, [b], cache_dir=tmp_path, measure=fake_measure)
+    assert calls == [a, b]  # served from the cache
+    assert again.for_shape(b).crossover == 0.9
+    text = cache_path(host_spec, tmp_path).read_text()
+    assert HardwareProfile.from_json(text).kernel_version == KERNEL_VERSION
+    with pytest.raises(PlanError, match="no profile"):
+        again.for_shape(a)
+
+
+def test_bad_shape_is_a_clear_error():
+    with pytest.raises(PlanError, match="expected kind"):
+        LayerShape("pool", 1, 1, 1)
+
+
+def test_layer_shapes_of_an_imported_model():
+    import torch
+
+    from test_pass_rewrite_group_sparse import ConvNet, _import
+    from tvm_scalpel.profiling import layer_shapes
+
+    shapes = layer_shapes(_import(ConvNet().eval(), torch.randn(2, 1, 28, 28), "export"))
+    assert shapes == [LayerShape("conv2d", 20, 25, 2 * 24 * 24), LayerShape("conv2d", 50, 500, 2 * 8 * 8),
+                      LayerShape("conv2d", 32, 450, 2 * 2 * 2), LayerShape("linear", 10, 128, 2)]

@@ -1,0 +1,180 @@
+"""Hardware profiling, Scalpel's first step: for each layer shape of a model, measure our dense kernel
+against the group-sparse kernel over a sparsity sweep on the target, and record the sparsity from which
+sparse wins. Results are cached as JSON keyed by the target and the kernel version.
+
+Only the part that differs between the two is timed: the matrix-vector / GEMM kernel (a conv's im2col is
+the same for both). Measurement here is local; remote boards (TVM RPC) are a later step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import tvm
+
+from . import formats
+from .errors import PlanError
+from .schedules import CompiledKernel, cpu
+from .target import HardwareSpec
+
+logger = logging.getLogger(__name__)
+
+# Bump when a kernel changes: cached profiles of older kernels are then ignored.
+KERNEL_VERSION = "cpu-1"
+DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A layer as its kernels see it: ``linear`` is Y[n, m] = X[n, k]·Wᵀ (n = batch), ``conv2d`` is the
+    GEMM O[m, n] = W[m, k]·Cols[k, n] (n = batch · output pixels)."""
+
+    kind: str
+    m: int
+    k: int
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "conv2d") or min(self.m, self.k, self.n) < 1:
+            raise PlanError(f"LayerShape: expected kind 'linear'/'conv2d' and positive m, k, n; found {self}")
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    shape: LayerShape
+    w: int
+    sparsities: tuple[float, ...]
+    dense_us: float
+    sparse_us: tuple[float, ...]
+
+    @property
+    def crossover(self) -> float | None:
+        """The lowest swept sparsity from which the sparse kernel is faster at every higher one."""
+        wins = [s < self.dense_us for s in self.sparse_us]
+        for i in range(len(wins)):
+            if all(wins[i:]):
+                return self.sparsities[i]
+        return None
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    target: str
+    kernel_version: str
+    layers: tuple[LayerProfile, ...]
+
+    def for_shape(self, shape: LayerShape) -> LayerProfile:
+        for lp in self.layers:
+            if lp.shape == shape:
+                return lp
+        raise PlanError(f"no profile for {shape}; profiled: {[lp.shape for lp in self.layers]}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HardwareProfile":
+        d = json.loads(text)
+        layers = tuple(LayerProfile(shape=LayerShape(**lp["shape"]), w=lp["w"],
+                                    sparsities=tuple(lp["sparsities"]), dense_us=lp["dense_us"],
+                                    sparse_us=tuple(lp["sparse_us"])) for lp in d["layers"])
+        return cls(target=d["target"], kernel_version=d["kernel_version"], layers=layers)
+
+
+def _kernels(shape: LayerShape, w: int, spec: HardwareSpec):
+    if shape.kind == "linear":
+        return (cpu.dense_nt(shape.m, shape.k, shape.n, spec),
+                cpu.group_sparse_nt(shape.m, shape.k, w, shape.n, spec))
+    return (cpu.dense_gemm(shape.m, shape.k, shape.n, spec),
+            cpu.group_sparse_gemm(shape.m, shape.k, w, shape.n, spec))
+
+
+def _inputs(shape: LayerShape, rng) -> tuple[np.ndarray, np.ndarray]:
+    weight = rng.standard_normal((shape.m, shape.k)).astype("float32")
+    act = rng.standard_normal((shape.n, shape.k) if shape.kind == "linear" else (shape.k, shape.n))
+    return weight, act.astype("float32")
+
+
+def _time_us(kernel: CompiledKernel, args, number: int, repeat: int) -> float:
+    timer = kernel.executable.jit().time_evaluator(kernel.name, tvm.cpu(), number=number, repeat=repeat)
+    return float(np.median(timer(*args).results) * 1e6)
+
+
+def measure_layer(shape: LayerShape, spec: HardwareSpec, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+                  w: int | None = None, number: int = 20, repeat: int = 7, seed: int = 0) -> LayerProfile:
+    """Time the dense kernel once and the group-sparse kernel at each sparsity (random group masks)."""
+    w = w or spec.lanes("float32")
+    rng = np.random.default_rng(seed)
+    weight, act = _inputs(shape, rng)
+    dense_f, sparse_f = _kernels(shape, w, spec)
+    dense, sparse = CompiledKernel(dense_f, spec), CompiledKernel(sparse_f, spec)
+    out_shape = (shape.n, shape.m) if shape.kind == "linear" else (shape.m, shape.n)
+    out = np.zeros(out_shape, "float32")
+    dense_args = dense.device_args(act, weight, out) if shape.kind == "linear" else dense.device_args(weight, act, out)
+    dense_us = _time_us(dense, dense_args, number, repeat)
+    sparse_us = []
+    for s in sparsities:
+        keep = rng.random((shape.m, -(-shape.k // w))) >= s
+        g = formats.encode(weight, w, keep=keep)
+        enc = (g.values, g.col_idx, g.row_ptr)
+        args = (sparse.device_args(act, *enc, out) if shape.kind == "linear"
+                else sparse.device_args(*enc, act, out))
+        sparse_us.append(_time_us(sparse, args, number, repeat))
+    prof = LayerProfile(shape=shape, w=w, sparsities=tuple(float(s) for s in sparsities),
+                        dense_us=dense_us, sparse_us=tuple(sparse_us))
+    logger.info("profile %s w=%d: dense %.1f us, sparse wins from %s", shape, w, dense_us, prof.crossover)
+    return prof
+
+
+def cache_path(spec: HardwareSpec, cache_dir: Path) -> Path:
+    digest = hashlib.sha256((spec.target_json + KERNEL_VERSION).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"profile-{spec.cpu}-{digest}.json"
+
+
+def profile(spec: HardwareSpec, shapes: Iterable[LayerShape], cache_dir: Path | None = None,
+            measure: Callable[..., LayerProfile] = measure_layer, **kw) -> HardwareProfile:
+    """Profiles for ``shapes`` on ``spec``'s target, reusing and extending the JSON cache if given."""
+    cached: dict[LayerShape, LayerProfile] = {}
+    path = cache_path(spec, cache_dir) if cache_dir else None
+    if path is not None and path.exists():
+        old = HardwareProfile.from_json(path.read_text())
+        if old.kernel_version == KERNEL_VERSION and old.target == spec.target_json:
+            cached = {lp.shape: lp for lp in old.layers}
+    layers = []
+    for shape in dict.fromkeys(shapes):
+        layers.append(cached.get(shape) or measure(shape, spec, **kw))
+    result = HardwareProfile(target=spec.target_json, kernel_version=KERNEL_VERSION,
+                             layers=tuple({**cached, **{lp.shape: lp for lp in layers}}.values()))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result.to_json())
+    return HardwareProfile(target=result.target, kernel_version=result.kernel_version, layers=tuple(layers))
+
+
+def layer_shapes(mod: tvm.IRModule) -> list[LayerShape]:
+    """The kernel shapes of every constant-weight Linear / Conv2d of a Relax module (in order)."""
+    from .passes._layers import Conv2d, LayerRewriter, Linear
+
+    found: list[LayerShape] = []
+
+    @tvm.relax.expr_functor.mutator
+    class _Collect(LayerRewriter):
+        def rewrite_linear(self, layer: Linear):
+            found.append(LayerShape("linear", layer.weight.shape[0], layer.weight.shape[1], layer.batch))
+
+        def rewrite_conv2d(self, layer: Conv2d):
+            oc = layer.weight.shape[0]
+            k = int(np.prod(layer.weight.shape[1:]))
+            found.append(LayerShape("conv2d", oc, k, layer.shape[0] * layer.out_hw[0] * layer.out_hw[1]))
+
+    collector = _Collect(mod)
+    for _, func in mod.functions_items():
+        if isinstance(func, tvm.relax.Function):
+            collector.visit_expr(func)
+    return found
