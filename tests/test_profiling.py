@@ -60,5 +60,7 @@ def test_layer_shapes_of_an_imported_model():
     from tvm_scalpel.profiling import layer_shapes
 
     shapes = layer_shapes(_import(ConvNet().eval(), torch.randn(2, 1, 28, 28), "export"))
-    assert shapes == [LayerShape("conv2d", 20, 25, 2 * 24 * 24), LayerShape("conv2d", 50, 500, 2 * 8 * 8),
-                      LayerShape("conv2d", 32, 450, 2 * 2 * 2), LayerShape("linear", 10, 128, 2)]
+    assert shapes == [LayerShape("conv2d", 20, 25, 2 * 24 * 24, "conv2d:20x1x5x5"),
+                      LayerShape("conv2d", 50, 500, 2 * 8 * 8, "conv2d:50x20x5x5"),
+                      LayerShape("conv2d", 32, 450, 2 * 2 * 2, "conv2d:32x50x3x3"),
+                      LayerShape("linear", 10, 128, 2, "linear:10x128")]

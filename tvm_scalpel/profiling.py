@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -39,6 +39,9 @@ class LayerShape:
     m: int
     k: int
     n: int
+    # The layer's key in the passes (passes._layers.layer_key) when taken from a model; not part of
+    # equality: a profile measures kernel dimensions, whatever layer has them.
+    key: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "conv2d") or min(self.m, self.k, self.n) < 1:
@@ -159,22 +162,32 @@ def profile(spec: HardwareSpec, shapes: Iterable[LayerShape], cache_dir: Path | 
 
 def layer_shapes(mod: tvm.IRModule) -> list[LayerShape]:
     """The kernel shapes of every constant-weight Linear / Conv2d of a Relax module (in order)."""
+    return [shape for shape, _ in layers_with_weights(mod)]
+
+
+def layers_with_weights(mod: tvm.IRModule) -> list[tuple[LayerShape, np.ndarray]]:
+    """(kernel shape, 2-D weight flattened per filter) of every constant-weight Linear / Conv2d."""
     from .passes._layers import Conv2d, LayerRewriter, Linear
 
     found: list[LayerShape] = []
+    weights: list[np.ndarray] = []
 
     @tvm.relax.expr_functor.mutator
     class _Collect(LayerRewriter):
         def rewrite_linear(self, layer: Linear):
-            found.append(LayerShape("linear", layer.weight.shape[0], layer.weight.shape[1], layer.batch))
+            found.append(LayerShape("linear", layer.weight.shape[0], layer.weight.shape[1], layer.batch,
+                                    layer.key))
+            weights.append(layer.weight)
 
         def rewrite_conv2d(self, layer: Conv2d):
             oc = layer.weight.shape[0]
             k = int(np.prod(layer.weight.shape[1:]))
-            found.append(LayerShape("conv2d", oc, k, layer.shape[0] * layer.out_hw[0] * layer.out_hw[1]))
+            found.append(LayerShape("conv2d", oc, k, layer.shape[0] * layer.out_hw[0] * layer.out_hw[1],
+                                    layer.key))
+            weights.append(formats.flatten_per_filter(layer.weight))
 
     collector = _Collect(mod)
     for _, func in mod.functions_items():
         if isinstance(func, tvm.relax.Function):
             collector.visit_expr(func)
-    return found
+    return list(zip(found, weights))

@@ -1,0 +1,101 @@
+"""Per-layer decisions (Scalpel's "customizing" step) as a frozen, JSON-serialisable plan.
+
+From the hardware class, the measured profile and the group sparsity each layer reached:
+- MCU (low parallelism): SIMD-aware groups everywhere;
+- GPU (high parallelism): node pruning only, every layer stays a dense kernel;
+- CPU (moderate): group-sparse kernels where the reached sparsity is at or above the profiled crossover,
+  dense (node-pruned) elsewhere.
+Every decision records why, e.g. ``linear:300x784: sparse wins from 50 %, reached 91 %``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import tvm
+
+from . import formats
+from .errors import PlanError
+from .pipeline import CompilePlan
+from .profiling import HardwareProfile, LayerShape, layers_with_weights
+from .target import HardwareClass, HardwareSpec
+
+# A threshold above 1 means "never group-sparse": the layer stays dense.
+_NEVER = 2.0
+
+
+class Method(str, enum.Enum):
+    GROUP = "group"  # SIMD-aware weight pruning, group-sparse kernel
+    DENSE = "dense"  # node pruning only, dense kernel on the shrunk layer
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    key: str
+    method: Method
+    group_width: int | None
+    reached_sparsity: float
+    crossover: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    hardware_class: HardwareClass
+    cpu: str
+    layers: tuple[LayerDecision, ...]
+
+    def compile_plan(self) -> CompilePlan:
+        widths = {d.group_width for d in self.layers if d.group_width}
+        if len(widths) > 1:
+            raise PlanError(f"one group width per plan is supported, found {sorted(widths)}")
+        return CompilePlan(group_width=widths.pop() if widths else None,
+                           layer_thresholds={d.key: 0.0 if d.method is Method.GROUP else _NEVER
+                                             for d in self.layers})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        d = json.loads(text)
+        layers = tuple(LayerDecision(**{**ld, "method": Method(ld["method"])}) for ld in d["layers"])
+        return cls(hardware_class=HardwareClass(d["hardware_class"]), cpu=d["cpu"], layers=layers)
+
+
+def _decide(spec: HardwareSpec, shape: LayerShape, reached: float, w: int,
+            profile: HardwareProfile | None) -> LayerDecision:
+    cls = spec.hardware_class
+    if cls is HardwareClass.MCU:
+        return LayerDecision(shape.key, Method.GROUP, w, reached, None,
+                             f"{shape.key}: MCU, SIMD-aware groups of {w} (reached {reached:.0%})")
+    if cls is HardwareClass.GPU:
+        return LayerDecision(shape.key, Method.DENSE, None, reached, None,
+                             f"{shape.key}: GPU, node pruning only (dense kernels)")
+    if profile is None:
+        raise PlanError("a CPU plan needs a hardware profile (tvm_scalpel.profiling.profile)")
+    crossover = profile.for_shape(shape).crossover
+    if crossover is None:
+        return LayerDecision(shape.key, Method.DENSE, None, reached, None,
+                             f"{shape.key}: sparse never wins in the profile, reached {reached:.0%}")
+    if reached >= crossover:
+        return LayerDecision(shape.key, Method.GROUP, w, reached, crossover,
+                             f"{shape.key}: sparse wins from {crossover:.0%}, reached {reached:.0%}")
+    return LayerDecision(shape.key, Method.DENSE, None, reached, crossover,
+                         f"{shape.key}: sparse wins from {crossover:.0%}, reached only {reached:.0%}")
+
+
+def decide(mod: tvm.IRModule, spec: HardwareSpec, profile: HardwareProfile | None = None,
+           w: int | None = None) -> PruningPlan:
+    """Decisions for every constant-weight layer of a (pruned) Relax module, from its weights."""
+    cls = spec.hardware_class
+    w = w or spec.lanes("int16" if cls is HardwareClass.MCU else "float32")
+    decisions = []
+    for shape, weight in layers_with_weights(mod):
+        reached = float(1.0 - formats.group_mask(weight, w).mean())
+        decisions.append(_decide(spec, shape, reached, w, profile))
+    return PruningPlan(hardware_class=cls, cpu=spec.cpu, layers=tuple(decisions))
