@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.66,<5",
         "psutil>=5.9",
         "cloudpickle>=3.0",
+        "tornado>=6.4,<7",  # TVM's RPC tracker (remote hardware profiling)
     ],
     extras_require={"test": ["pytest>=8,<10", "hypothesis>=6.100,<7"]},
 )

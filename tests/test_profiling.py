@@ -64,3 +64,34 @@ def test_layer_shapes_of_an_imported_model():
                       LayerShape("conv2d", 50, 500, 2 * 8 * 8, "conv2d:50x20x5x5"),
                       LayerShape("conv2d", 32, 450, 2 * 2 * 2, "conv2d:32x50x3x3"),
                       LayerShape("linear", 10, 128, 2, "linear:10x128")]
+
+
+def test_profiling_over_rpc_gives_the_local_decisions(host_spec):
+    """A TVM RPC tracker and server on 127.0.0.1; a pruned LeNet-300-100 profiled through them and
+    locally must get the same per-layer decisions."""
+    import torch
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    from test_pass_rewrite_group_sparse import MLP, _group_prune, _import
+    from tvm_scalpel.plan import decide
+    from tvm_scalpel.profiling import RPCRunner, layer_shapes
+
+    model = _group_prune(MLP().eval(), host_spec.lanes(), 0.1)  # fc1, fc2 at ~90 %; fc3 dense
+    mod = _import(model, torch.randn(1, 784), "export")
+    shapes = layer_shapes(mod)
+    kw = dict(sparsities=(0.0, 0.5, 0.9), number=5, repeat=3)
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
+    server = Server("127.0.0.1", port=9300, port_end=9400, key="scalpel-test",
+                    tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        runner = RPCRunner("127.0.0.1", tracker.port, "scalpel-test")
+        remote = profile(host_spec, shapes, runner=runner, **kw)
+    finally:
+        server.terminate()
+        tracker.terminate()
+    local = profile(host_spec, shapes, **kw)
+    assert [lp.shape for lp in remote.layers] == shapes
+    remote_plan, local_plan = decide(mod, host_spec, remote), decide(mod, host_spec, local)
+    assert [d.method for d in remote_plan.layers] == [d.method for d in local_plan.layers]
+    assert remote_plan.layers[0].method.value == "group"  # 90 % groups: sparse wins anywhere

@@ -3,7 +3,9 @@ against the group-sparse kernel over a sparsity sweep on the target, and record 
 sparse wins. Results are cached as JSON keyed by the target and the kernel version.
 
 Only the part that differs between the two is timed: the matrix-vector / GEMM kernel (a conv's im2col is
-the same for both). Measurement here is local; remote boards (TVM RPC) are a later step.
+the same for both). Measurement runs in this process (``LocalRunner``) or on a remote device through
+TVM's own RPC (``RPCRunner``: tracker + server; kernels are compiled here, exported, uploaded, timed
+there with TVM's time evaluator).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -104,31 +108,64 @@ def _inputs(shape: LayerShape, rng) -> tuple[np.ndarray, np.ndarray]:
     return weight, act.astype("float32")
 
 
-def _time_us(kernel: CompiledKernel, args, number: int, repeat: int) -> float:
-    timer = kernel.executable.jit().time_evaluator(kernel.name, tvm.cpu(), number=number, repeat=repeat)
-    return float(np.median(timer(*args).results) * 1e6)
+class LocalRunner:
+    """Times kernels in this process."""
+
+    def time_us(self, kernel: CompiledKernel, arrays: Sequence[np.ndarray], number: int, repeat: int) -> float:
+        args = kernel.device_args(*arrays)
+        timer = kernel.executable.jit().time_evaluator(kernel.name, tvm.cpu(), number=number, repeat=repeat)
+        return float(np.median(timer(*args).results) * 1e6)
+
+
+class RPCRunner:
+    """Times kernels on a device registered with a TVM RPC tracker under ``key``."""
+
+    def __init__(self, tracker_host: str, tracker_port: int, key: str, session_timeout: int = 600):
+        from tvm import rpc
+
+        self._remote = rpc.connect_tracker(tracker_host, tracker_port).request(
+            key, priority=1, session_timeout=session_timeout)
+        self._loaded: dict[int, object] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="scalpel-rpc-")
+
+    def _module(self, kernel: CompiledKernel):
+        if id(kernel) not in self._loaded:
+            name = f"{kernel.name}_{len(self._loaded)}.so"
+            path = os.path.join(self._tmp.name, name)
+            kernel.executable.export_library(path)
+            self._remote.upload(path)
+            self._loaded[id(kernel)] = (kernel, self._remote.load_module(name))
+        return self._loaded[id(kernel)][1]
+
+    def time_us(self, kernel: CompiledKernel, arrays: Sequence[np.ndarray], number: int, repeat: int) -> float:
+        module = self._module(kernel)
+        dev = self._remote.cpu()
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+        timer = module.time_evaluator(kernel.name, dev, number=number, repeat=repeat)
+        return float(np.median(timer(*args).results) * 1e6)
 
 
 def measure_layer(shape: LayerShape, spec: HardwareSpec, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
-                  w: int | None = None, number: int = 20, repeat: int = 7, seed: int = 0) -> LayerProfile:
+                  w: int | None = None, number: int = 20, repeat: int = 7, seed: int = 0,
+                  runner: LocalRunner | RPCRunner | None = None) -> LayerProfile:
     """Time the dense kernel once and the group-sparse kernel at each sparsity (random group masks)."""
     w = w or spec.lanes("float32")
+    runner = runner or LocalRunner()
     rng = np.random.default_rng(seed)
     weight, act = _inputs(shape, rng)
     dense_f, sparse_f = _kernels(shape, w, spec)
     dense, sparse = CompiledKernel(dense_f, spec), CompiledKernel(sparse_f, spec)
     out_shape = (shape.n, shape.m) if shape.kind == "linear" else (shape.m, shape.n)
     out = np.zeros(out_shape, "float32")
-    dense_args = dense.device_args(act, weight, out) if shape.kind == "linear" else dense.device_args(weight, act, out)
-    dense_us = _time_us(dense, dense_args, number, repeat)
+    dense_args = (act, weight, out) if shape.kind == "linear" else (weight, act, out)
+    dense_us = runner.time_us(dense, dense_args, number, repeat)
     sparse_us = []
     for s in sparsities:
         keep = rng.random((shape.m, -(-shape.k // w))) >= s
         g = formats.encode(weight, w, keep=keep)
         enc = (g.values, g.col_idx, g.row_ptr)
-        args = (sparse.device_args(act, *enc, out) if shape.kind == "linear"
-                else sparse.device_args(*enc, act, out))
-        sparse_us.append(_time_us(sparse, args, number, repeat))
+        args = (act, *enc, out) if shape.kind == "linear" else (*enc, act, out)
+        sparse_us.append(runner.time_us(sparse, args, number, repeat))
     prof = LayerProfile(shape=shape, w=w, sparsities=tuple(float(s) for s in sparsities),
                         dense_us=dense_us, sparse_us=tuple(sparse_us))
     logger.info("profile %s w=%d: dense %.1f us, sparse wins from %s", shape, w, dense_us, prof.crossover)
