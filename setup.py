@@ -26,4 +26,5 @@ setup(
         "tornado>=6.4,<7",  # TVM's RPC tracker (remote hardware profiling)
     ],
     extras_require={"test": ["pytest>=8,<10", "hypothesis>=6.100,<7"]},
+    entry_points={"console_scripts": ["scalpel=tvm_scalpel.cli:main"]},
 )

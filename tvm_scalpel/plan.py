@@ -48,12 +48,13 @@ class PruningPlan:
     hardware_class: HardwareClass
     cpu: str
     layers: tuple[LayerDecision, ...]
+    round_to: int = 1
 
     def compile_plan(self) -> CompilePlan:
         widths = {d.group_width for d in self.layers if d.group_width}
         if len(widths) > 1:
             raise PlanError(f"one group width per plan is supported, found {sorted(widths)}")
-        return CompilePlan(group_width=widths.pop() if widths else None,
+        return CompilePlan(group_width=widths.pop() if widths else None, round_to=self.round_to,
                            layer_thresholds={d.key: 0.0 if d.method is Method.GROUP else _NEVER
                                              for d in self.layers})
 
@@ -64,7 +65,8 @@ class PruningPlan:
     def from_json(cls, text: str) -> "PruningPlan":
         d = json.loads(text)
         layers = tuple(LayerDecision(**{**ld, "method": Method(ld["method"])}) for ld in d["layers"])
-        return cls(hardware_class=HardwareClass(d["hardware_class"]), cpu=d["cpu"], layers=layers)
+        return cls(hardware_class=HardwareClass(d["hardware_class"]), cpu=d["cpu"], layers=layers,
+                   round_to=d.get("round_to", 1))
 
 
 def _decide(spec: HardwareSpec, shape: LayerShape, reached: float, w: int,
@@ -90,12 +92,13 @@ def _decide(spec: HardwareSpec, shape: LayerShape, reached: float, w: int,
 
 
 def decide(mod: tvm.IRModule, spec: HardwareSpec, profile: HardwareProfile | None = None,
-           w: int | None = None) -> PruningPlan:
-    """Decisions for every constant-weight layer of a (pruned) Relax module, from its weights."""
+           w: int | None = None, round_to: int = 1) -> PruningPlan:
+    """Decisions for every constant-weight layer of a (pruned) Relax module, from its weights, after
+    dead nodes are folded (keys and sparsities are those of the layers the build will compile)."""
     cls = spec.hardware_class
     w = w or spec.lanes("int16" if cls is HardwareClass.MCU else "float32")
     decisions = []
-    for shape, weight in layers_with_weights(mod):
+    for shape, weight in layers_with_weights(mod, round_to):
         reached = float(1.0 - formats.group_mask(weight, w).mean())
         decisions.append(_decide(spec, shape, reached, w, profile))
-    return PruningPlan(hardware_class=cls, cpu=spec.cpu, layers=tuple(decisions))
+    return PruningPlan(hardware_class=cls, cpu=spec.cpu, layers=tuple(decisions), round_to=round_to)

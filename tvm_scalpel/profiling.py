@@ -197,14 +197,19 @@ def profile(spec: HardwareSpec, shapes: Iterable[LayerShape], cache_dir: Path | 
     return HardwareProfile(target=result.target, kernel_version=result.kernel_version, layers=tuple(layers))
 
 
-def layer_shapes(mod: tvm.IRModule) -> list[LayerShape]:
-    """The kernel shapes of every constant-weight Linear / Conv2d of a Relax module (in order)."""
-    return [shape for shape, _ in layers_with_weights(mod)]
+def layer_shapes(mod: tvm.IRModule, round_to: int = 1) -> list[LayerShape]:
+    """The kernel shapes of every constant-weight Linear / Conv2d of a Relax module (in order), as the
+    build will see them: after dead nodes are folded away."""
+    return [shape for shape, _ in layers_with_weights(mod, round_to)]
 
 
-def layers_with_weights(mod: tvm.IRModule) -> list[tuple[LayerShape, np.ndarray]]:
-    """(kernel shape, 2-D weight flattened per filter) of every constant-weight Linear / Conv2d."""
+def layers_with_weights(mod: tvm.IRModule, round_to: int = 1) -> list[tuple[LayerShape, np.ndarray]]:
+    """(kernel shape, 2-D weight flattened per filter) of every constant-weight Linear / Conv2d, after
+    FoldNodeMasks (the layers the kernels will run)."""
     from .passes._layers import Conv2d, LayerRewriter, Linear
+    from .passes.fold_node_masks import FoldConfig, FoldNodeMasks
+
+    mod = FoldNodeMasks(FoldConfig(round_to=round_to))(mod)
 
     found: list[LayerShape] = []
     weights: list[np.ndarray] = []
