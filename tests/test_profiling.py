@@ -13,8 +13,9 @@ def _lp(dense, sparse, sparsities=(0.0, 0.5, 0.7, 0.9)):
 
 
 def test_crossover_is_where_sparse_wins_for_good():
-    assert _lp(10, [12, 9, 6, 3]).crossover == 0.5
-    assert _lp(10, [12, 9, 11, 3]).crossover == 0.9  # a loss at 70 % moves it up
+    assert _lp(10, [12, 8, 6, 3]).crossover == 0.5
+    assert _lp(10, [12, 8, 11, 3]).crossover == 0.9  # a loss at 70 % moves it up
+    assert _lp(10, [12, 9.5, 6, 3]).crossover == 0.7  # 5 % faster is within noise: not a win
     assert _lp(10, [12, 11, 11, 10.5]).crossover is None
     assert _lp(10, [5, 4, 3, 2]).crossover == 0.0
 
@@ -77,10 +78,12 @@ def test_profiling_over_rpc_gives_the_local_decisions(host_spec):
     from tvm_scalpel.plan import decide
     from tvm_scalpel.profiling import RPCRunner, layer_shapes
 
-    model = _group_prune(MLP().eval(), host_spec.lanes(), 0.1)  # fc1, fc2 at ~90 %; fc3 dense
+    # fc1, fc2 at ~95 % zero groups (as a pruned LeNet-300-100), well past a crossover swept up to 80 %:
+    # the decisions must not hinge on noise at a grid point. fc3 stays dense.
+    model = _group_prune(MLP().eval(), host_spec.lanes(), 0.05)
     mod = _import(model, torch.randn(1, 784), "export")
     shapes = layer_shapes(mod)
-    kw = dict(sparsities=(0.0, 0.5, 0.9), number=5, repeat=3)
+    kw = dict(sparsities=(0.0, 0.5, 0.8), number=5, repeat=3)
     tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
     server = Server("127.0.0.1", port=9300, port_end=9400, key="scalpel-test",
                     tracker_addr=("127.0.0.1", tracker.port), silent=True)
@@ -94,4 +97,4 @@ def test_profiling_over_rpc_gives_the_local_decisions(host_spec):
     assert [lp.shape for lp in remote.layers] == shapes
     remote_plan, local_plan = decide(mod, host_spec, remote), decide(mod, host_spec, local)
     assert [d.method for d in remote_plan.layers] == [d.method for d in local_plan.layers]
-    assert remote_plan.layers[0].method.value == "group"  # 90 % groups: sparse wins anywhere
+    assert [d.method.value for d in remote_plan.layers] == ["group", "group", "dense"]

@@ -84,7 +84,7 @@ def _decide(spec: HardwareSpec, shape: LayerShape, reached: float, w: int,
     if crossover is None:
         return LayerDecision(shape.key, Method.DENSE, None, reached, None,
                              f"{shape.key}: sparse never wins in the profile, reached {reached:.0%}")
-    if reached >= crossover:
+    if reached >= crossover and reached > 0:
         return LayerDecision(shape.key, Method.GROUP, w, reached, crossover,
                              f"{shape.key}: sparse wins from {crossover:.0%}, reached {reached:.0%}")
     return LayerDecision(shape.key, Method.DENSE, None, reached, crossover,

@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 # Bump when a kernel changes: cached profiles of older kernels are then ignored.
 KERNEL_VERSION = "cpu-1"
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+# Sparse "wins" only when at least this much faster: near the crossover, timing noise would otherwise
+# flip decisions from one profile to the next.
+WIN_MARGIN = 0.10
+# Each timed repeat runs at least this long (TVM raises ``number`` to fit): microsecond kernels are
+# otherwise at the mercy of one context switch.
+MIN_REPEAT_MS = 20
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,9 @@ class LayerProfile:
 
     @property
     def crossover(self) -> float | None:
-        """The lowest swept sparsity from which the sparse kernel is faster at every higher one."""
-        wins = [s < self.dense_us for s in self.sparse_us]
+        """The lowest swept sparsity from which the sparse kernel is faster (by ``WIN_MARGIN``) at every
+        higher one."""
+        wins = [s < self.dense_us * (1 - WIN_MARGIN) for s in self.sparse_us]
         for i in range(len(wins)):
             if all(wins[i:]):
                 return self.sparsities[i]
@@ -113,7 +120,8 @@ class LocalRunner:
 
     def time_us(self, kernel: CompiledKernel, arrays: Sequence[np.ndarray], number: int, repeat: int) -> float:
         args = kernel.device_args(*arrays)
-        timer = kernel.executable.jit().time_evaluator(kernel.name, tvm.cpu(), number=number, repeat=repeat)
+        timer = kernel.executable.jit().time_evaluator(kernel.name, tvm.cpu(), number=number, repeat=repeat,
+                                                       min_repeat_ms=MIN_REPEAT_MS)
         return float(np.median(timer(*args).results) * 1e6)
 
 
@@ -141,7 +149,8 @@ class RPCRunner:
         module = self._module(kernel)
         dev = self._remote.cpu()
         args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
-        timer = module.time_evaluator(kernel.name, dev, number=number, repeat=repeat)
+        timer = module.time_evaluator(kernel.name, dev, number=number, repeat=repeat,
+                                      min_repeat_ms=MIN_REPEAT_MS)
         return float(np.median(timer(*args).results) * 1e6)
 
 

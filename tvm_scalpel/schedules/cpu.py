@@ -35,6 +35,16 @@ def _check_dims(**dims: int) -> None:
             raise KernelError(f"{name}: expected a positive int, found {value!r}")
 
 
+# Below this many multiply-adds (dense-equivalent) a kernel runs on one thread: waking the pool costs
+# more than it saves (LeNet-300-100's 100x300 layer took 10 us in parallel, ~8 us of it launch).
+PARALLEL_MIN_MACS = 1 << 18
+
+
+def _loop(work: int):
+    """T.parallel for kernels big enough to pay for a parallel launch, T.serial otherwise."""
+    return T.parallel if work >= PARALLEL_MIN_MACS else T.serial
+
+
 def _hsum(buf: tirx.Buffer, prefix: tuple, lanes: int) -> tirx.PrimExpr:
     """Pairwise sum of buf[*prefix, 0:lanes] as one expression (a horizontal reduction)."""
     terms = [buf[(*prefix, i)] for i in range(lanes)]
@@ -51,16 +61,17 @@ def _chunks(rows: int, spec: HardwareSpec) -> tuple[int, int]:
     return -(-rows // per), per
 
 
-def _parallel_rows(row, m: int, n: int, spec: HardwareSpec):
+def _parallel_rows(row, m: int, n: int, k: int, spec: HardwareSpec):
     """A macro that calls ``row(X, V, I, P, Y, r, n0, nb)`` for every weight row r and batch tile
     [n0, n0 + nb) (nb ≤ 4), parallel over chunks of rows: the driver of the ``*_nt`` sparse kernels."""
     nb_ = min(n, 4)
     nt, n_rem = divmod(n, nb_)
     chunks, per = _chunks(m, spec)
+    loop = _loop(m * n * k)
 
     @T.macro
     def rows(X, V, I, P, Y):
-        for c in T.parallel(chunks):
+        for c in loop(chunks):
             for q in range(per):
                 if c * per + q < m:
                     for s in range(nt):
@@ -117,6 +128,7 @@ def dense_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
     mb_ = 4 if m >= 4 else 1
     nt, n_rem = divmod(n, nb_)
     mt, m_rem = divmod(m, mb_)
+    loop = _loop(m * n * k)
 
     @T.macro
     def tile(X, W, Y, n0, m0, nb, mb):
@@ -138,7 +150,7 @@ def dense_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
     @T.prim_func
     def kernel(X: T.Buffer((n, k), F32), W: T.Buffer((m, k), F32), Y: T.Buffer((n, m), F32)):
         T.func_attr({"global_symbol": "dense_nt", "tir.noalias": True})
-        for t in T.parallel(mt):
+        for t in loop(mt):
             for s in range(nt):
                 tile(X, W, Y, s * nb_, t * mb_, nb_, mb_)
             for s in range(n_rem):
@@ -158,11 +170,12 @@ def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int]
     width, nv = cols.width, cols.nv
     mb = min(tile[0], m)
     mt = -(-m // mb)
+    loop = _loop(m * n * k)
 
     @T.prim_func
     def kernel(W: T.Buffer((m, k), F32), D: T.Buffer((k, n), F32), O: T.Buffer((m, n), F32)):
         T.func_attr({"global_symbol": "dense_gemm", "tir.noalias": True})
-        for blk in T.parallel(cols.nblk):
+        for blk in loop(cols.nblk):
             p: T.let[T.handle] = stack_scratch(mb * nv * width * _BYTES)
             acc = T.decl_buffer((mb, nv, width), F32, data=p)
             for t in range(mt):
@@ -223,7 +236,7 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec) -> tirx.
         for a in T.unroll(nb):
             Y[n0 + a, r] = _hsum(acc, (a,), w)
 
-    rows = _parallel_rows(row, m, n, spec)
+    rows = _parallel_rows(row, m, n, k, spec)
 
     @T.prim_func
     def kernel(x_h: T.handle, v_h: T.handle, i_h: T.handle, p_h: T.handle, y_h: T.handle):
@@ -252,6 +265,7 @@ def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: in
     ragged = kr != 0
     cols = _columns(n, spec.lanes(F32), nv)
     width, nv = cols.width, cols.nv
+    loop = _loop(m * n * k)
 
     @T.macro
     def group(V, S, acc, j, col0, nrows, blk):
@@ -290,7 +304,7 @@ def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: in
         P = T.match_buffer(p_h, (m + 1,), "int32")
         D = T.match_buffer(d_h, (k, n), F32)
         O = T.match_buffer(o_h, (m, n), F32)
-        for blk in T.parallel(cols.nblk):
+        for blk in loop(cols.nblk):
             p: T.let[T.handle] = stack_scratch(nv * width * _BYTES)
             acc = T.decl_buffer((nv, width), F32, data=p)
             if pack:
@@ -327,7 +341,7 @@ def csr_nt(m: int, k: int, n: int, spec: HardwareSpec) -> tirx.PrimFunc:
         for a in T.unroll(nb):
             Y[n0 + a, r] = acc[a]
 
-    rows = _parallel_rows(row, m, n, spec)
+    rows = _parallel_rows(row, m, n, k, spec)
 
     @T.prim_func
     def kernel(x_h: T.handle, v_h: T.handle, c_h: T.handle, p_h: T.handle, y_h: T.handle):
@@ -367,11 +381,12 @@ def im2col(b: int, c: int, h: int, w: int, kh: int, kw: int, stride: tuple[int, 
     ph, pw = pad
     oh, ow = conv_out_size(h, kh, sh, ph), conv_out_size(w, kw, sw, pw)
     rows = c * kh * kw
+    loop = _loop(8 * rows * b * oh * ow)  # a copy: weigh an element like a few multiply-adds
 
     @T.prim_func
     def kernel(X: T.Buffer((b, c, h, w), F32), Cols: T.Buffer((rows, b * oh * ow), F32)):
         T.func_attr({"global_symbol": "im2col", "tir.noalias": True})
-        for r in T.parallel(rows):
+        for r in loop(rows):
             for n, y, x in T.grid(b, oh, ow):
                 Cols[r, (n * oh + y) * ow + x] = T.if_then_else(
                     0 <= y * sh - ph + r % (kh * kw) // kw
