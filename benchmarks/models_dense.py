@@ -1,8 +1,9 @@
 """Dense reference models compiled by tvm_scalpel.build vs PyTorch eager, same input, one process.
 
 The baseline of every model-level speedup is our compiled dense model, so it must not be a straw man:
-this checks it is no slower than PyTorch eager (torch at its default threads) at batch 1 and 64, and
-records the compile time.
+this checks it is no slower than PyTorch eager (the better of 1 and 2 threads: with the idle pools made
+to sleep, torch's many small ops pay a wake-up each at 2 threads) at batch 1 and 64, and records the
+compile time.
 
     python benchmarks/models_dense.py            # writes benchmarks/results/models_dense.json
 """
@@ -52,23 +53,26 @@ def main(argv=None) -> int:
             tag = (name, batch)
             rows.append({"model": name, "batch": batch, "compile_s": compile_s})
 
-            def eager(model=model, x=x):
+            def eager(threads, model=model, x=x):
+                torch.set_num_threads(threads)
                 with torch.no_grad():
                     return model(x)
 
             variants += [H.Variant(key=(*tag, "tvm_scalpel"), fn=lambda vm=vm, xt=xt: vm["main"](xt)),
-                         H.Variant(key=(*tag, "torch_eager"), fn=eager)]
+                         H.Variant(key=(*tag, "torch_1t"), fn=lambda e=eager: e(1)),
+                         H.Variant(key=(*tag, "torch_2t"), fn=lambda e=eager: e(2))]
     H.run_interleaved(variants, args.rounds, cold=False)
     stats = {v.key: H.stats_us(v.warm) for v in variants}
     for r in rows:
         ours = stats[(r["model"], r["batch"], "tvm_scalpel")]
-        eager = stats[(r["model"], r["batch"], "torch_eager")]
-        r.update(tvm_scalpel=ours, torch_eager=eager, speedup_vs_eager=eager["median_us"] / ours["median_us"])
-        print(f'{r["model"]:14s} batch {r["batch"]:3d}: ours {ours["median_us"]:8.1f} us, torch eager '
-              f'{eager["median_us"]:8.1f} us, x{r["speedup_vs_eager"]:.2f}, compile {r["compile_s"]:.1f} s')
+        t1, t2 = (stats[(r["model"], r["batch"], k)] for k in ("torch_1t", "torch_2t"))
+        best = min(t1["median_us"], t2["median_us"])
+        r.update(tvm_scalpel=ours, torch_1t=t1, torch_2t=t2, speedup_vs_best_eager=best / ours["median_us"])
+        print(f'{r["model"]:14s} batch {r["batch"]:3d}: ours {ours["median_us"]:8.1f} us, torch eager 1t '
+              f'{t1["median_us"]:8.1f} / 2t {t2["median_us"]:8.1f} us, x{r["speedup_vs_best_eager"]:.2f} vs the '
+              f'best, compile {r["compile_s"]:.1f} s')
     H.write_json(H.RESULTS / "models_dense.json",
-                 {"provenance": H.provenance(spec.to_dict()["target"]), "torch_threads": torch.get_num_threads(),
-                  "results": rows})
+                 {"provenance": H.provenance(spec.to_dict()["target"]), "results": rows})
     return 0
 
 
