@@ -31,21 +31,26 @@ def _random_prune(model, w, seed):
     return model
 
 
-@pytest.mark.parametrize("path", ["export", "onnx"])
-@pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5", "convnet"])
-def test_random_masks_compiled_equals_masked_torch(host_spec, name, path):
-    model = _random_prune(build_model(name).eval(), host_spec.lanes(), seed=len(name))
-    x = model.example_input(2) * 10  # larger activations: a tighter check after heavy pruning
+def _assert_build_matches_torch(model, x, path):
+    """Compile with tvm_scalpel.build and compare with the masked torch model; returns the module."""
     mod = _import(model, x, path)
-    lowered = tvm_scalpel.pipeline("host")(mod)
-    kernels = [gv.name_hint for gv in lowered.get_global_vars()]
-    assert any(k.startswith("group_sparse") for k in kernels), kernels
     out = relax.VirtualMachine(tvm_scalpel.build(mod, "host"), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
     out = (out if hasattr(out, "numpy") else out[0]).numpy()
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(ref).max() > 0
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    return mod
+
+
+@pytest.mark.parametrize("path", ["export", "onnx"])
+@pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5", "convnet"])
+def test_random_masks_compiled_equals_masked_torch(host_spec, name, path):
+    model = _random_prune(build_model(name).eval(), host_spec.lanes(), seed=len(name))
+    x = model.example_input(2) * 10  # larger activations: a tighter check after heavy pruning
+    mod = _assert_build_matches_torch(model, x, path)
+    kernels = [gv.name_hint for gv in tvm_scalpel.pipeline("host")(mod).get_global_vars()]
+    assert any(k.startswith("group_sparse") for k in kernels), kernels
 
 
 class ResidualNet(torch.nn.Module):
@@ -89,11 +94,4 @@ class GroupedNet(torch.nn.Module):
 @pytest.mark.parametrize("net", [ResidualNet, GroupedNet])
 def test_branching_and_grouped_models_stay_exact(host_spec, net, path):
     model = _random_prune(net().eval(), host_spec.lanes(), seed=7)
-    x = model.example_input(2) * 10
-    mod = _import(model, x, path)
-    out = relax.VirtualMachine(tvm_scalpel.build(mod, "host"), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    out = (out if hasattr(out, "numpy") else out[0]).numpy()
-    with torch.no_grad():
-        ref = model(x).numpy()
-    assert np.abs(ref).max() > 0
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    _assert_build_matches_torch(model, model.example_input(2) * 10, path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 # Thread pools must sleep when idle (see tvm_scalpel.bench); set before numpy/torch/tvm load, which the
 # package import below does, by re-executing once with the variables in place.
@@ -70,9 +71,7 @@ def _relax(model, x):
 
 
 def _profile(args, spec, mod):
-    from .profiling import profile
-
-    from .profiling import layer_shapes
+    from .profiling import layer_shapes, profile
 
     sparsities = (0.0, 0.5, 0.7, 0.9) if args.quick else (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
     return profile(spec, layer_shapes(mod), cache_dir=os.path.join(args.out, "profiles"),
@@ -156,7 +155,7 @@ def cmd_run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report + "\n")
-    bench.write_json(__import__("pathlib").Path(args.out) / "report.json",
+    bench.write_json(Path(args.out) / "report.json",
                      {"provenance": bench.provenance(spec.to_dict()["target"]), "model": args.model,
                       "recipe": recipe.name, "dense_accuracy": result.dense_accuracy,
                       "final_accuracy": result.final_accuracy, "size_percent": size, "rows": rows,
