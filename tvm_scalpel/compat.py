@@ -37,9 +37,11 @@ def to_device(arrays: Sequence[np.ndarray], dev: Any = None) -> list[Any]:
     return [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
 
 
-def time_evaluator(executable: Any, name: str, dev: Any = None, number: int = 10, repeat: int = 10):
+def time_evaluator(executable: Any, name: str, dev: Any = None, number: int = 10, repeat: int = 10,
+                   min_repeat_ms: int = 0):
     """TVM's time evaluator for a compiled PrimFunc (0.27: lives on the JIT'd runtime module)."""
-    return executable.jit().time_evaluator(name, dev or tvm.cpu(), number=number, repeat=repeat)
+    return executable.jit().time_evaluator(name, dev or tvm.cpu(), number=number, repeat=repeat,
+                                           min_repeat_ms=min_repeat_ms)
 
 
 def system_cpu() -> str:

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import tvm
 
-from . import formats
+from . import compat, formats
 from .errors import PlanError
 from .schedules import CompiledKernel, cpu
 from .target import HardwareSpec
@@ -120,8 +120,8 @@ class LocalRunner:
 
     def time_us(self, kernel: CompiledKernel, arrays: Sequence[np.ndarray], number: int, repeat: int) -> float:
         args = kernel.device_args(*arrays)
-        timer = kernel.executable.jit().time_evaluator(kernel.name, tvm.cpu(), number=number, repeat=repeat,
-                                                       min_repeat_ms=MIN_REPEAT_MS)
+        timer = compat.time_evaluator(kernel.executable, kernel.name, number=number, repeat=repeat,
+                                      min_repeat_ms=MIN_REPEAT_MS)
         return float(np.median(timer(*args).results) * 1e6)
 
 
