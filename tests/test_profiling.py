@@ -38,9 +38,9 @@ def test_cache_round_trip_and_reuse(host_spec, tmp_path):
                             sparse_us=(12.0, 2.0))
 
     a, b = LayerShape("linear", 300, 784, 1), LayerShape("conv2d", 50, 500, 64)
-    first = profile(host_spec, [a, b, a], cache_dir=tmp_path, measure=fake_measure)
+    first = profile(host_spec, [a, b, a], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.9))
     assert calls == [a, b] and [lp.shape for lp in first.layers] == [a, b]
-    again = profile(host_spec, [b], cache_dir=tmp_path, measure=fake_measure)
+    again = profile(host_spec, [b], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.9))
     assert calls == [a, b]  # served from the cache
     assert again.for_shape(b).crossover == 0.9
     text = cache_path(host_spec, tmp_path).read_text()
@@ -98,3 +98,20 @@ def test_profiling_over_rpc_gives_the_local_decisions(host_spec):
     remote_plan, local_plan = decide(mod, host_spec, remote), decide(mod, host_spec, local)
     assert [d.method for d in remote_plan.layers] == [d.method for d in local_plan.layers]
     assert [d.method.value for d in remote_plan.layers] == ["group", "group", "dense"]
+
+
+def test_cache_is_not_reused_for_another_grid_or_width(host_spec, tmp_path):
+    calls = []
+
+    def fake_measure(shape, spec, sparsities=(0.0, 0.9), w=None, **kw):
+        calls.append((sparsities, w))
+        return LayerProfile(shape=shape, w=w or spec.lanes(), sparsities=tuple(sparsities), dense_us=10.0,
+                            sparse_us=tuple(5.0 for _ in sparsities))
+
+    a = LayerShape("linear", 300, 784, 1)
+    profile(host_spec, [a], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.9))
+    profile(host_spec, [a], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.9))
+    assert len(calls) == 1
+    profile(host_spec, [a], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.5, 0.9))
+    profile(host_spec, [a], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.9), w=4)
+    assert len(calls) == 3

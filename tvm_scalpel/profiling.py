@@ -195,9 +195,14 @@ def profile(spec: HardwareSpec, shapes: Iterable[LayerShape], cache_dir: Path | 
         old = HardwareProfile.from_json(path.read_text())
         if old.kernel_version == KERNEL_VERSION and old.target == spec.target_json:
             cached = {lp.shape: lp for lp in old.layers}
+    # A cached entry serves only a request for the same group width and sparsity grid.
+    w = kw.get("w") or spec.lanes("float32")
+    grid = tuple(float(s) for s in kw.get("sparsities", DEFAULT_SPARSITIES))
     layers = []
     for shape in dict.fromkeys(shapes):
-        layers.append(cached.get(shape) or measure(shape, spec, **kw))
+        hit = cached.get(shape)
+        usable = hit is not None and hit.w == w and hit.sparsities == grid
+        layers.append(hit if usable else measure(shape, spec, **kw))
     result = HardwareProfile(target=spec.target_json, kernel_version=KERNEL_VERSION,
                              layers=tuple({**cached, **{lp.shape: lp for lp in layers}}.values()))
     if path is not None:
