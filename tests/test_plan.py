@@ -9,7 +9,7 @@ from tvm import relax
 import tvm_scalpel
 from tvm_scalpel import PlanError
 from tvm_scalpel.plan import Method, PruningPlan, decide
-from tvm_scalpel.profiling import HardwareProfile, LayerProfile, LayerShape, layer_shapes
+from tvm_scalpel.profiling import HardwareProfile, LayerProfile, layer_shapes
 
 from test_pass_rewrite_group_sparse import MLP, _group_prune, _import
 

@@ -19,15 +19,15 @@ import os
 import sys
 from pathlib import Path
 
-# Thread pools must sleep when idle (see tvm_scalpel.bench); set before numpy/torch/tvm load, which the
-# package import below does, by re-executing once with the variables in place.
-_QUIET = (("OMP_WAIT_POLICY", "PASSIVE"), ("OPENBLAS_THREAD_TIMEOUT", "4"), ("TVM_THREAD_POOL_SPIN_COUNT", "0"))
+from .bench import QUIET_POOLS
 
 
 def _quiet_pools_or_reexec(argv: list[str]) -> None:
-    if all(os.environ.get(k) == v for k, v in _QUIET) or os.environ.get("SCALPEL_NO_REEXEC"):
+    """Thread pools must sleep when idle (see tvm_scalpel.bench), which they read when they load:
+    numpy/torch/tvm are loaded already here, so re-execute once with the variables in place."""
+    if all(os.environ.get(k) == v for k, v in QUIET_POOLS.items()) or os.environ.get("SCALPEL_NO_REEXEC"):
         return
-    env = dict(os.environ, **dict(_QUIET), SCALPEL_NO_REEXEC="1")
+    env = dict(os.environ, **QUIET_POOLS, SCALPEL_NO_REEXEC="1")
     env.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     os.execve(sys.executable, [sys.executable, "-m", "tvm_scalpel.cli", *argv], env)
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
-import numpy as np
 import tvm
 
 from . import formats

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-import tvm
 from tvm.target import Target, codegen
 
 from .errors import TargetError
