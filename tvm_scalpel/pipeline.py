@@ -1,7 +1,7 @@
 """The one build flow: ``pipeline(target)`` as ``tvm.compile(mod, target, relax_pipeline=...)``, or
 ``build(mod, target)`` in one call.
 
-CPU (llvm): FoldNodeMasks → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
+CPU (llvm): FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
 → ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
 kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): FoldNodeMasks, then TVM's CUDA
 pipeline (dlight schedules every op). The Cortex-M path is not built yet.
@@ -16,8 +16,9 @@ import tvm
 from tvm import relax
 
 from .compat import ensure_cuda_compiler
-from .errors import TargetError
+from .errors import PlanError, TargetError
 from .passes.fold_node_masks import FoldConfig, FoldNodeMasks
+from .passes.rewrite_csr import CSRConfig, RewriteCSR
 from .passes.rewrite_dense import DenseConfig, RewriteDense
 from .passes.rewrite_group_sparse import GroupSparseConfig, RewriteGroupSparse
 from .passes.schedule_remaining import ScheduleRemaining
@@ -26,12 +27,25 @@ from .target import HardwareClass, TargetLike, hardware_spec
 
 @dataclass(frozen=True)
 class CompilePlan:
-    """Per-layer compile decisions. ``layer_thresholds`` maps a layer key (``passes._layers.layer_key``)
-    to the minimum fraction of zero groups for the group-sparse kernel (> 1 keeps it dense)."""
+    """Per-layer compile decisions, by layer key (``passes._layers.layer_key``, after node folding).
+    ``layer_thresholds``: the minimum fraction of zero groups for the group-sparse kernel (> 1 keeps
+    the layer dense). ``csr_layers``: layers that run CSR kernels (traditional pruning, one index per
+    weight); a layer cannot be both CSR and group-sparse."""
 
     group_width: int | None = None
     layer_thresholds: Mapping[str, float] = field(default_factory=dict)
     round_to: int = 1
+    csr_layers: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.csr_layers, str):
+            raise PlanError(f"CompilePlan.csr_layers: expected a set of layer keys, found the string "
+                            f"{self.csr_layers!r}; write frozenset({{{self.csr_layers!r}}})")
+        object.__setattr__(self, "csr_layers", frozenset(self.csr_layers))
+        both = sorted(k for k in self.csr_layers if self.layer_thresholds.get(k, 2.0) <= 1.0)
+        if both:
+            raise PlanError(f"CompilePlan: {both} are asked to be both CSR and group-sparse; give each "
+                            "layer one method (drop it from csr_layers or set its threshold above 1)")
 
 
 def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transform.Pass:
@@ -39,6 +53,9 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
     plan = plan or CompilePlan()
     fold = FoldNodeMasks(FoldConfig(round_to=plan.round_to))
     if spec.hardware_class is HardwareClass.GPU:
+        if plan.csr_layers:
+            raise PlanError(f"CompilePlan.csr_layers {sorted(plan.csr_layers)}: CSR kernels exist for CPU "
+                            "(llvm) targets only; drop csr_layers for CUDA")
         default = relax.get_default_pipeline(spec.target)
         return tvm.transform.Sequential([fold, default], name="scalpel_gpu")
     if spec.hardware_class is not HardwareClass.CPU:
@@ -49,7 +66,9 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
     target_obj = spec.target
     ours = [
         fold,
-        RewriteGroupSparse(GroupSparseConfig(spec, width=plan.group_width, layers=plan.layer_thresholds)),
+        RewriteCSR(CSRConfig(spec, layers=plan.csr_layers)),
+        RewriteGroupSparse(GroupSparseConfig(spec, width=plan.group_width, layers={
+            k: v for k, v in plan.layer_thresholds.items() if k not in plan.csr_layers})),
         RewriteDense(DenseConfig(spec)),
     ]
     tvm_lowering = (cpu.library_dispatch_passes(target_obj) + cpu.legalize_passes(target_obj)

@@ -5,6 +5,7 @@ From the hardware class, the measured profile and the group sparsity each layer 
 - GPU (high parallelism): node pruning only, every layer stays a dense kernel;
 - CPU (moderate): group-sparse kernels where the reached sparsity is at or above the profiled crossover,
   dense (node-pruned) elsewhere.
+``traditional`` is the paper's baseline instead: CSR wherever a layer has zeros.
 Every decision records why, e.g. ``linear:300x784: sparse wins from 50 %, reached 91 %``.
 """
 
@@ -14,6 +15,7 @@ import enum
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import tvm
 
 from . import formats
@@ -29,6 +31,7 @@ _NEVER = 2.0
 class Method(str, enum.Enum):
     GROUP = "group"  # SIMD-aware weight pruning, group-sparse kernel
     DENSE = "dense"  # node pruning only, dense kernel on the shrunk layer
+    CSR = "csr"  # traditional (unstructured) pruning: CSR kernel, one index per weight
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class PruningPlan:
             raise PlanError(f"one group width per plan is supported, found {sorted(widths)}")
         return CompilePlan(group_width=widths.pop() if widths else None, round_to=self.round_to,
                            layer_thresholds={d.key: 0.0 if d.method is Method.GROUP else _NEVER
-                                             for d in self.layers})
+                                             for d in self.layers if d.method is not Method.CSR},
+                           csr_layers=frozenset(d.key for d in self.layers if d.method is Method.CSR))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -87,6 +91,23 @@ def _decide(spec: HardwareSpec, shape: LayerShape, reached: float, w: int,
                              f"{shape.key}: sparse wins from {crossover:.0%}, reached {reached:.0%}")
     return LayerDecision(shape.key, Method.DENSE, None, reached, crossover,
                          f"{shape.key}: sparse wins from {crossover:.0%}, reached only {reached:.0%}")
+
+
+def traditional(mod: tvm.IRModule, spec: HardwareSpec, round_to: int = 1) -> PruningPlan:
+    """The paper's baseline: every layer with a zero weight runs CSR (an index per weight), as
+    traditional unstructured pruning deploys; a layer without zeros stays dense."""
+    if spec.hardware_class is not HardwareClass.CPU:
+        raise PlanError(f"traditional pruning compiles to CSR kernels on CPU targets only, found "
+                        f"{spec.hardware_class.value} ({spec.cpu})")
+    decisions = []
+    for shape, weight in layers_with_weights(mod, round_to):
+        zeros = 1.0 - np.count_nonzero(weight) / weight.size
+        method = Method.CSR if zeros > 0 else Method.DENSE
+        decisions.append(LayerDecision(shape.key, method, None, zeros, None,
+                                       f"{shape.key}: traditional pruning, {zeros:.0%} zero weights, "
+                                       + ("CSR" if method is Method.CSR else "no zeros: dense")))
+    return PruningPlan(hardware_class=spec.hardware_class, cpu=spec.cpu, layers=tuple(decisions),
+                       round_to=round_to)
 
 
 def decide(mod: tvm.IRModule, spec: HardwareSpec, profile: HardwareProfile | None = None,
