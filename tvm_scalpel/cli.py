@@ -1,25 +1,47 @@
-"""The ``scalpel`` command: hardware-aware pruning of a reference model, end to end, on the host CPU.
+"""The ``scalpel`` command: hardware-aware pruning, compiled and measured, from one command line.
 
 examples:
-  scalpel run lenet-300-100 --target host --quick      # train, prune, profile, decide, compile, verify, time
-  scalpel run lenet-5 --target host                    # the paper's full CPU recipe (hours on 2 cores)
+  scalpel run lenet-300-100 --target host --quick      # everything below in one go, prints the table
+  scalpel run lenet-5 --target host                    # the paper's full recipes (hours on 2 cores)
+  scalpel train lenet-300-100 --quick                  # dense training only (recipe MODEL/dense)
+  scalpel prune lenet-300-100 --quick --method scalpel # the target's recipe; writes a pruned .onnx
+  scalpel prune lenet-300-100 --quick --method traditional   # Han et al. magnitude pruning
   scalpel profile lenet-300-100 --target host          # dense vs group-sparse crossover per layer shape
+  scalpel compile lenet-300-100 --quick -o net.so      # deployable artefact (.so via export_library)
+  scalpel compile pruned.onnx --method traditional     # from an ONNX file's weights alone
+  scalpel bench lenet-300-100 --quick                  # time the pruned models already in --out
+  scalpel bench my_net.py --batches 1 8                # a Python file defining model() and data()
+  scalpel report scalpel-out other-out                 # re-render report.md + PNGs from report.json
 
-``run`` trains (or resumes from checkpoints) the recipe of the target's hardware class, profiles the
-pruned model's layer shapes on the target, decides per layer (group-sparse where profiling says it pays),
-compiles with tvm_scalpel.build, checks the compiled outputs against the pruned PyTorch model on real test
-images, and times the compiled dense model against the compiled Scalpel model, interleaved in one
-process. Not yet here: traditional-pruning timings, PyTorch-eager columns, the train/prune/compile/bench/
-report sub-commands, plots, MCU and GPU targets.
+MODEL is a reference name (lenet-300-100, lenet-5, convnet, ...), a Python file that defines
+``model()`` (a torch.nn.Module) and ``data()`` ((train, test), each an ImageSet or (inputs, labels)
+tensors), or an ONNX file of an (already pruned) model (see tvm_scalpel.sources).
+
+The three compiled variants: "dense" (our scheduled dense kernels, the baseline of every speedup),
+"traditional" (unstructured magnitude pruning, CSR kernels: an index per weight), "scalpel" (node
+pruning + SIMD-aware groups where the hardware profile says they pay). ``run`` = train/resume both
+pruning recipes, profile, decide, compile, verify against PyTorch, time every variant interleaved in
+one process (plus PyTorch eager dense and pruned), and write report.md / report.json / PNG plots.
+Checkpoints in OUT/checkpoints/<recipe slug> are resumed (benchmarks/train_recipes.py writes the same
+layout). Seeds: --seed sets the recipes' seed, the data order and the timing order.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 from .bench import QUIET_POOLS
+from .report import PAPER_CPU  # noqa: F401 (re-exported: the paper's numbers live in report.py)
+
+logger = logging.getLogger("scalpel")
+
+METHODS = ("dense", "traditional", "scalpel")
 
 
 def _quiet_pools_or_reexec(argv: list[str]) -> None:
@@ -32,42 +54,189 @@ def _quiet_pools_or_reexec(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "tvm_scalpel.cli", *argv], env)
 
 
-PAPER_CPU = {  # Scalpel's CPU results (speedup, size %): Yu et al., ISCA 2017, Table "CPU"
-    "lenet-300-100": (6.86, 7.08), "lenet-5": (4.15, 5.20), "convnet": (1.58, 44.28),
-    "nin": (1.22, 81.16), "alexnet": (2.20, 13.06),
-}
-
-
+# ------------------------------------------------------------------------------------------- arguments
 def _parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="scalpel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", help="reference name, model .py file (model(), data()) or .onnx file")
+    common.add_argument("--target", default="host", help="'host', a TVM tag, or a target dict as JSON (default host)")
+    common.add_argument("--quick", action="store_true", help="the quick recipes and a short profile (minutes)")
+    common.add_argument("--out", default="scalpel-out", help="folder for checkpoints, profiles, artefacts, reports")
+    common.add_argument("--seed", type=int, default=0, help="recipe seed, data order and timing order")
+    timing = argparse.ArgumentParser(add_help=False)
+    timing.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    timing.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    user = argparse.ArgumentParser(add_help=False)
+    user.add_argument("--epochs", type=int, default=2, help="epochs for a Python-file model (recipes set their own)")
+    user.add_argument("--lr", type=float, default=0.01, help="SGD learning rate for a Python-file model")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, helptext in (("run", "train, prune, profile, compile, verify and time a model"),
-                           ("profile", "profile the model's layer shapes on the target")):
-        c = sub.add_parser(name, help=helptext)
-        c.add_argument("model", help="a reference model: lenet-300-100, lenet-5, convnet")
-        c.add_argument("--target", default="host", help="'host' or an llvm target dict as JSON (default host)")
-        c.add_argument("--quick", action="store_true", help="the quick recipe and a short profile (minutes)")
-        c.add_argument("--out", default="scalpel-out", help="folder for checkpoints, profiles and the report")
-        c.add_argument("--seed", type=int, default=0)
-        c.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-        c.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def add(name, helptext, example, parents):
+        return sub.add_parser(name, help=helptext, description=f"{helptext}\n\nexample:\n  {example}",
+                              parents=parents, formatter_class=fmt)
+
+    add("run", "train/resume, prune (traditional and Scalpel), profile, compile, verify, time, report",
+        "scalpel run lenet-300-100 --target host --quick", [common, timing])
+    add("profile", "dense vs group-sparse crossover for the model's layer shapes on the target",
+        "scalpel profile lenet-300-100 --target host", [common, timing])
+    c = add("train", "train the dense model (reference: recipe MODEL/dense, or --recipe KIND)",
+            "scalpel train lenet-300-100 --quick", [common, user])
+    c.add_argument("--recipe", default="dense", help="recipe kind: dense, cpu, gpu, mcu, magnitude")
+    c = add("prune", "prune with the target's Scalpel recipe or traditional magnitude pruning; writes OUT/<model>-<method>.onnx",
+            "scalpel prune lenet-300-100 --quick --method traditional", [common, user])
+    c.add_argument("--method", choices=("scalpel", "traditional"), default="scalpel")
+    c.add_argument("--sparsity", type=float, default=0.9, help="zero fraction to reach (Python-file models)")
+    c = add("compile", "compile the pruned model for the target; writes the deployable artefact",
+            "scalpel compile lenet-300-100 --quick -o lenet.so", [common])
+    c.add_argument("--method", choices=METHODS, default="scalpel")
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("-o", "--output", default=None, help="artefact path (default OUT/<model>-<method>-b<batch>.so)")
+    add("bench", "time dense / traditional / Scalpel compiled and PyTorch eager, interleaved; write the report",
+        "scalpel bench lenet-300-100 --quick --batches 1 16", [common, timing])
+    c = sub.add_parser("report", help="re-render report.md and the PNG plots from report.json files",
+                       description="re-render report.md and the PNG plots from report.json files\n\n"
+                                   "example:\n  scalpel report scalpel-out lenet5-out --to results/", formatter_class=fmt)
+    c.add_argument("dirs", nargs="+", help="folders holding a report.json (from run or bench)")
+    c.add_argument("--to", default=None, help="where to write report.md and PNGs (default: the first folder)")
     return p
 
 
 def _target(text: str):
-    import json
-
     return json.loads(text) if text.strip().startswith("{") else text
 
 
-def _relax(model, x):
-    import torch
-    from tvm.relax.frontend.torch import from_exported_program
+def _spec(args):
+    from . import hardware_spec
 
-    return from_exported_program(torch.export.export(model, (x,)))
+    return hardware_spec(_target(args.target))
+
+
+# ------------------------------------------------------------------------------------- model variants
+@dataclass
+class _Variant:
+    """One compiled variant's model: a torch model (None for ONNX), its Relax import, its accuracy."""
+
+    method: str
+    relax: Callable[[int], Any]  # batch → IRModule
+    torch: Any = None
+    accuracy: float | None = None
+    trained: bool = True  # False: random weights, timing only (no compiled accuracy)
+    source: str = ""
+
+
+def _slug(recipe_name: str) -> str:
+    return recipe_name.replace("/", "__")
+
+
+def _recipe_name(model: str, method: str, spec, quick: bool) -> str:
+    kind = {"scalpel": spec.hardware_class.value, "traditional": "magnitude", "dense": "dense"}.get(method, method)
+    return f"{model}/{kind}" + ("/quick" if quick else "")
+
+
+def _recipe_result(args, name: str, train: bool):
+    """Train or resume a recipe in OUT/checkpoints/<slug>; without ``train`` it must be finished."""
+    from .errors import ScalpelError
+    from .training import get_recipe, run_recipe
+
+    ckpt = Path(args.out) / "checkpoints" / _slug(name)
+    if not train and not (ckpt / "final_state_dict.pt").is_file():
+        method = "traditional" if "/magnitude" in name else "scalpel"
+        raise ScalpelError(f"{ckpt} has no finished recipe {name!r}; run `scalpel prune {args.model} --method "
+                           f"{method}{' --quick' if args.quick else ''} --out {args.out}` first (or `scalpel run`)")
+    recipe = get_recipe(name, target=_target(args.target))
+    if recipe.seed != args.seed:
+        recipe = replace(recipe, seed=args.seed)
+    logger.info("recipe %s (checkpoints %s)", name, ckpt)
+    return recipe, run_recipe(recipe, checkpoint_dir=ckpt)
+
+
+def _user_file(args, source, method: str) -> Path:
+    return Path(args.out) / f"{source.name}-{method}.pt"
+
+
+def _user_model(args, source, method: str):
+    """A Python-file model with the weights `scalpel train`/`prune` saved for ``method`` (if any)."""
+    import torch
+
+    model = source.torch_model()
+    for m in (method, "dense"):
+        path = _user_file(args, source, m)
+        if path.is_file():
+            model.load_state_dict(torch.load(path, weights_only=True))
+            logger.info("%s: weights from %s", method, path)
+            break
+    return model.eval()
+
+
+def _variants(args, spec, source, methods, train: bool):
+    """(variants by method, test set or None, input shape without batch, dense weight bytes)."""
+    import numpy as np
+    import torch
+
+    from .training import get_recipe
+    from .training.loop import evaluate, load_data
+
+    if source.kind == "onnx":
+        name, dims = source.onnx_input()
+        rel = source.relax
+        variants = {m: _Variant(m, rel, source=str(source.path)) for m in methods}
+        import onnx
+        from onnx import numpy_helper
+
+        dense_bytes = sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(source.path)).graph.initializer
+                          if len(t.dims) in (2, 4))
+        return variants, None, tuple(dims), int(dense_bytes)
+
+    def wrap(method, model, acc, trained=True, origin=""):
+        model = model.eval()
+        return _Variant(method, lambda b, m=model: source.relax(b, m, shape), model, acc, trained, origin)
+
+    variants = {}
+    if source.kind == "python":
+        _, test = source.data()
+        shape = tuple(next(iter(test.batches(1)))[0].shape[1:])
+        for m in methods:
+            model = _user_model(args, source, m)
+            variants[m] = wrap(m, model, evaluate(model, test)[1], origin=str(source.path))
+    else:
+        shape = tuple(source.torch_model().input_shape)
+        results = {m: _recipe_result(args, _recipe_name(source.name, m, spec, args.quick), train)
+                   for m in methods if m != "dense"}
+        for m, (recipe, res) in results.items():
+            variants[m] = wrap(m, res.model, res.final_accuracy, origin=recipe.name)
+        any_recipe = next(iter(results.values()), (None,))[0] or get_recipe(
+            _recipe_name(source.name, "dense", spec, args.quick))
+        test = load_data(any_recipe)[1]
+        if "dense" in methods:
+            dense_name = _recipe_name(source.name, "dense", spec, args.quick)
+            if (Path(args.out) / "checkpoints" / _slug(dense_name) / "final_state_dict.pt").is_file():
+                recipe, res = _recipe_result(args, dense_name, train=False)
+                variants["dense"] = wrap("dense", res.model, res.final_accuracy, origin=recipe.name)
+            else:  # latency does not depend on the weights; accuracy from the pruning recipe's dense stage
+                torch.manual_seed(args.seed)
+                acc = next((r.dense_accuracy for _, r in results.values() if r.dense_accuracy), None)
+                variants["dense"] = wrap("dense", source.torch_model(), acc, trained=False,
+                                         origin="untrained weights (timing); accuracy of the recipe's dense stage")
+    dense_bytes = int(sum(np.prod(p.weight.shape) * 4 for p in source.torch_model().modules()
+                          if isinstance(p, (torch.nn.Linear, torch.nn.Conv2d))))
+    return {m: variants[m] for m in methods}, test, shape, dense_bytes
+
+
+def _plan_for(args, method: str, mod, spec):
+    from .plan import all_dense, decide, traditional
+    from .target import HardwareClass
+
+    if method == "dense":
+        return all_dense(mod, spec)
+    if method == "traditional":
+        return traditional(mod, spec)
+    if spec.hardware_class is HardwareClass.CPU:
+        return decide(mod, spec, _profile(args, spec, mod))
+    return decide(mod, spec)
 
 
 def _profile(args, spec, mod):
@@ -78,99 +247,327 @@ def _profile(args, spec, mod):
                    sparsities=sparsities, number=10 if args.quick else 20, repeat=5)
 
 
-def cmd_profile(args) -> int:
-    from . import hardware_spec
-    from .models import build_model
+# ------------------------------------------------------------------------------------------ measuring
+def _inputs(test, shape, batch: int, seed: int):
+    import numpy as np
 
-    spec = hardware_spec(_target(args.target))
-    model = build_model(args.model).eval()
-    for batch in args.batches:
-        prof = _profile(args, spec, _relax(model, model.example_input(batch)))
-        for lp in prof.layers:
-            print(f"{args.model} batch {batch} {lp.shape.key or lp.shape}: dense {lp.dense_us:.1f} us, "
-                  f"sparse wins from {lp.crossover}")
-    return 0
+    if test is not None:
+        x = next(iter(test.batches(batch)))[0].numpy()
+        if len(x) == batch:
+            return np.ascontiguousarray(x)
+    return np.random.default_rng(seed).standard_normal((batch, *shape)).astype("float32")
 
 
-def cmd_run(args) -> int:
-    import json
+def _vm_out(vm, xt):
+    out = vm["main"](xt)
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
 
+
+def _check(method: str, got, ref, what: str) -> None:
+    import numpy as np
+
+    from .errors import VerificationError
+
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got - ref).max())
+    if not np.allclose(got, ref, rtol=1e-4, atol=tol):
+        raise VerificationError(f"{method}: the compiled output differs from {what} by up to {err:.3g} "
+                                f"(tolerance {tol:.3g}); expected equal outputs. This is a compiler bug: "
+                                "please report it with the model")
+
+
+def _compiled_accuracy(vm, test, batch: int) -> float | None:
+    import numpy as np
+    import tvm
+
+    correct = n = 0
+    for x, y in test.batches(batch):
+        if len(y) != batch:
+            break
+        pred = _vm_out(vm, tvm.runtime.tensor(np.ascontiguousarray(x.numpy()))).argmax(1)
+        correct += int((pred == y.numpy()).sum())
+        n += batch
+    return correct / n if n else None
+
+
+def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
     import numpy as np
     import torch
     import tvm
     from tvm import relax
 
-    from . import bench, build, hardware_spec
+    from . import bench, build
+    from .plan import stored_weight_bytes
+
+    timed, out = [], {m: {"latency": {}, "speedup_vs_dense": {}, "speedup_vs_torch": {}} for m in variants}
+    vms = {}
+    for batch in args.batches:
+        x = _inputs(test, shape, batch, args.seed)
+        xt = tvm.runtime.tensor(x)
+        outputs = {}
+        for m, v in variants.items():
+            mod = v.relax(batch)
+            plan = _plan_for(args, m, mod, spec)
+            logger.info("compile %s batch %d: %s", m, batch, "; ".join(d.reason for d in plan.layers))
+            vm = relax.VirtualMachine(build(mod, spec.target, plan.compile_plan()), tvm.cpu())
+            outputs[m] = _vm_out(vm, xt)
+            if v.torch is not None:
+                with torch.no_grad():
+                    _check(m, outputs[m], v.torch(torch.from_numpy(x)).numpy(), f"its PyTorch model ({v.source})")
+            elif m != "dense" and "dense" in outputs:  # ONNX: same weights, so every kernel must agree
+                _check(m, outputs[m], outputs["dense"], "the dense kernels on the same weights")
+            if batch == args.batches[0]:
+                out[m]["decisions"] = [{"key": d.key, "method": d.method.value, "reached_sparsity": d.reached_sparsity,
+                                        "crossover": d.crossover, "reason": d.reason} for d in plan.layers]
+                out[m]["size_percent"] = 100.0 * stored_weight_bytes(mod, plan) / dense_bytes
+            vms[(m, batch)] = vm
+            timed.append(bench.Variant(key=(m, batch), fn=lambda vm=vm, xt=xt: vm["main"](xt)))
+        xtorch = torch.from_numpy(x)
+        for m in ("dense", "scalpel"):
+            if m in variants and variants[m].torch is not None:
+                timed.append(bench.Variant(key=(f"torch-{m}", batch),
+                                           fn=lambda f=variants[m].torch, x=xtorch: _eager(f, x)))
+    logger.info("timing %d variants x %d rounds, interleaved", len(timed), args.rounds)
+    bench.run_interleaved(timed, args.rounds, cold=False, seed=args.seed)
+    med = {v.key: bench.stats_us(v.warm) for v in timed}
+    rows = []
+    names = [*variants] + [f"torch-{m}" for m in ("dense", "scalpel") if m in variants and variants[m].torch is not None]
+    for name in names:
+        row = out.get(name, {"latency": {}, "speedup_vs_dense": {}, "speedup_vs_torch": {}})
+        base = variants.get(name.removeprefix("torch-"))
+        row.update(name=name, accuracy=base.accuracy if base else None, origin=base.source if base else "")
+        if name.startswith("torch-"):
+            row["size_percent"] = 100.0  # eager PyTorch stores every weight dense, zeros included
+        for b in args.batches:
+            s = med[(name, b)]
+            row["latency"][str(b)] = s
+            if ("dense", b) in med:
+                row["speedup_vs_dense"][str(b)] = med[("dense", b)]["median_us"] / s["median_us"]
+            if ("torch-dense", b) in med:
+                row["speedup_vs_torch"][str(b)] = med[("torch-dense", b)]["median_us"] / s["median_us"]
+        if name in variants and variants[name].trained and test is not None:
+            row["compiled_accuracy"] = _compiled_accuracy(vms[(name, max(args.batches))], test, max(args.batches))
+        rows.append(row)
+    notes = [f"{VARIANT} weights: {v.source}" for VARIANT, v in variants.items() if v.source]
+    if source.kind == "onnx":
+        notes.append("ONNX model: every variant compiles the same weights (dense = dense kernels, dead nodes "
+                     "folded); no data, so no accuracy and no PyTorch eager columns")
+    if test is not None and source.kind == "reference":
+        notes.append(f"data: {test.name} test split, {len(test)} images")
+    return {"model": source.name, "source": source.kind, "target": spec.cpu, "quick": bool(args.quick),
+            "batches": list(args.batches), "rounds": args.rounds, "seed": args.seed,
+            "torch_threads": torch.get_num_threads(), "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
+            "provenance": bench.provenance(spec.to_dict()["target"]), "notes": notes, "variants": rows}
+
+
+def _eager(model, x):
+    import torch
+
+    with torch.no_grad():
+        return model(x)
+
+
+def _write_report(out_dir: Path, reports: list[dict], write_json: bool = True) -> str:
+    from . import bench
+    from .report import plot, render_all
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if write_json:
+        bench.write_json(out_dir / "report.json", reports[0])
+    text = render_all(reports)
+    (out_dir / "report.md").write_text(text + "\n")
+    for p in plot(reports, out_dir):
+        logger.info("wrote %s", p)
+    return text
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_profile(args) -> int:
+    from .sources import resolve
+
+    source, spec = resolve(args.model), _spec(args)
+    shape = None if source.kind == "onnx" else (
+        tuple(source.torch_model().input_shape) if source.kind == "reference"
+        else tuple(next(iter(source.data()[1].batches(1)))[0].shape[1:]))
+    for batch in args.batches:
+        prof = _profile(args, spec, source.relax(batch, input_shape=shape))
+        for lp in prof.layers:
+            print(f"{source.name} batch {batch} {lp.shape.key or lp.shape}: dense {lp.dense_us:.1f} us, "
+                  f"sparse wins from {lp.crossover}")
+    return 0
+
+
+def _measure_and_report(args, train: bool) -> int:
+    from .sources import resolve
+
+    source, spec = resolve(args.model), _spec(args)
+    _require_cpu(spec, args.cmd)
+    variants, test, shape, dense_bytes = _variants(args, spec, source, METHODS, train)
+    report = _measure(args, spec, source, variants, test, shape, dense_bytes)
+    print(_write_report(Path(args.out), [report]))
+    return 0
+
+
+def _require_cpu(spec, cmd: str) -> None:
     from .errors import TargetError
-    from .models import build_model
-    from .plan import decide
-    from .training.loop import load_data, run_recipe
-    from .training.recipes import get_recipe
+
+    if spec.hardware_class.value != "cpu":
+        raise TargetError(f"scalpel {cmd}: timing runs on the host CPU only here, found a "
+                          f"{spec.hardware_class.value} target ({spec.cpu}); use `scalpel compile` for it")
+
+
+def cmd_run(args) -> int:
+    return _measure_and_report(args, train=True)
+
+
+def cmd_bench(args) -> int:
+    return _measure_and_report(args, train=False)
+
+
+def cmd_report(args) -> int:
+    reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.dirs]
+    print(_write_report(Path(args.to or args.dirs[0]), reports, write_json=False))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .sources import resolve
+
+    source, spec = resolve(args.model), _spec(args)
+    if source.kind == "reference":
+        name = _recipe_name(source.name, args.recipe, spec, args.quick) if args.recipe in METHODS else \
+            f"{source.name}/{args.recipe}" + ("/quick" if args.quick else "")
+        _, res = _recipe_result(args, name, train=True)
+        print(f"{name}: accuracy {100 * res.final_accuracy:.2f} %, size {100 * res.plan.size_ratio:.2f} % of dense, "
+              f"checkpoints in {Path(args.out) / 'checkpoints' / _slug(name)}")
+        return 0
+    model, test = _fit_user_model(args, source, pruner=None)
+    print(f"{source.name}: dense accuracy {100 * test:.2f} %, weights in {_user_file(args, source, 'dense')}")
+    return 0
+
+
+def _fit_user_model(args, source, pruner):
+    """``--epochs`` of SGD on a Python-file model (through ``pruner`` when pruning); returns
+    (trained model, test accuracy) and saves the weights in OUT."""
+    import torch
+
+    from .training import evaluate, train_epoch
 
     torch.manual_seed(args.seed)
-    spec = hardware_spec(_target(args.target))
-    if spec.hardware_class.value != "cpu":
-        raise TargetError(f"scalpel run: only CPU targets are wired up yet, found {spec.hardware_class.value}")
-    name = f"{args.model}/cpu" + ("/quick" if args.quick else "")
-    recipe = get_recipe(name, target=_target(args.target))
-    result = run_recipe(recipe, checkpoint_dir=os.path.join(args.out, "checkpoints", name.replace("/", "__")))
-    pruned = result.model.eval()
-    dense = build_model(args.model).eval()  # latency of the dense architecture; weights do not matter
-    _, test = load_data(recipe)
-    rows, variants = [], []
-    for batch in args.batches:
-        x = test.transform(test.images[:batch])
-        mod = _relax(pruned, x)
-        plan = decide(mod, spec, _profile(args, spec, mod))
-        ex_s = build(mod, spec.target, plan.compile_plan())
-        ex_d = build(_relax(dense, x), spec.target)
-        vm_s, vm_d = relax.VirtualMachine(ex_s, tvm.cpu()), relax.VirtualMachine(ex_d, tvm.cpu())
-        xt = tvm.runtime.tensor(x.numpy())
-        with torch.no_grad():
-            ref = pruned(x).numpy()
-        got = vm_s["main"](xt)[0].numpy()
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+    train, test = source.data()
+    net = pruner.model if pruner is not None else _user_model(args, source, "dense")
+    params = pruner.param_groups(1e-4) if pruner is not None else [{"params": list(net.parameters()), "weight_decay": 1e-4}]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        loss, acc = train_epoch(net, opt, train, 64, gen, pruner)
+        logger.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f %%", source.name, epoch + 1, args.epochs,
+                    loss, 100 * acc)
+    final = pruner.finalize()[0] if pruner is not None else net
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    method = "dense" if pruner is None else args.method
+    torch.save(final.state_dict(), _user_file(args, source, method))
+    return final.eval(), evaluate(final, test)[1]
 
-        variants += [bench.Variant(key=(batch, "dense"), fn=lambda vm=vm_d, xt=xt: vm["main"](xt)),
-                     bench.Variant(key=(batch, "scalpel"), fn=lambda vm=vm_s, xt=xt: vm["main"](xt))]
-        rows.append({"batch": batch, "decisions": [d.reason for d in plan.layers]})
-    bench.run_interleaved(variants, args.rounds, cold=False, seed=args.seed)
-    med = {v.key: bench.stats_us(v.warm)["median_us"] for v in variants}
-    size = result.plan.size_ratio * 100
-    paper = PAPER_CPU.get(args.model, (None, None))
-    lines = [f"# scalpel run {args.model} --target {spec.cpu}" + (" --quick" if args.quick else ""),
-             "", f"accuracy: dense {100 * (result.dense_accuracy or 0):.2f} % -> pruned "
-             f"{100 * result.final_accuracy:.2f} % ({recipe.data.name})",
-             f"size (values + indices + row pointers): {size:.2f} % of dense (paper: {paper[1]} %)", "",
-             "| batch | dense compiled (us) | Scalpel compiled (us) | speedup | paper (batch 1) |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        b = r["batch"]
-        r.update({k: med[(b, k)] for k in ("dense", "scalpel")})
-        r["speedup"] = r["dense"] / r["scalpel"]
-        lines.append(f"| {b} | {r['dense']:.1f} | {r['scalpel']:.1f} | {r['speedup']:.2f}x | {paper[0]}x |")
-    lines += ["", "decisions (batch 1):", *[f"- {d}" for d in rows[0]["decisions"]]]
-    report = "\n".join(lines)
-    print(report)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(report + "\n")
-    bench.write_json(Path(args.out) / "report.json",
-                     {"provenance": bench.provenance(spec.to_dict()["target"]), "model": args.model,
-                      "recipe": recipe.name, "dense_accuracy": result.dense_accuracy,
-                      "final_accuracy": result.final_accuracy, "size_percent": size, "rows": rows,
-                      "plan": json.loads(result.plan.to_json())})
+
+def cmd_prune(args) -> int:
+    import numpy as np
+
+    from . import formats
+    from .sources import export_onnx, resolve
+    from .training import GroupConfig, MagnitudeConfig, PruneConfig, prepare
+
+    source, spec = resolve(args.model), _spec(args)
+    if source.kind == "onnx":
+        raise _source_error(f"{args.model}: an ONNX model is taken as already pruned; `scalpel compile` or "
+                            "`scalpel bench` it, or prune its PyTorch model (reference name or Python file)")
+    if source.kind == "reference":
+        recipe, res = _recipe_result(args, _recipe_name(source.name, args.method, spec, args.quick), train=True)
+        model, acc, shape = res.model, res.final_accuracy, tuple(source.torch_model().input_shape)
+        detail = f"recipe {recipe.name}, size {100 * res.plan.size_ratio:.2f} % of dense (training plan)"
+    else:
+        if not 0 < args.sparsity < 1:
+            raise _source_error(f"--sparsity: expected a fraction in (0, 1), found {args.sparsity}")
+        base = _user_model(args, source, "dense")
+        if args.method == "traditional":
+            pruner = prepare(base, PruneConfig(magnitude=MagnitudeConfig()))
+            pruner.prune_magnitude(args.sparsity)
+        else:
+            w = spec.lanes("int16" if spec.hardware_class.value == "mcu" else "float32")
+            pruner = prepare(base, PruneConfig(group=GroupConfig(width=w)))
+            rms = np.concatenate([formats.group_rms(formats.flatten_per_filter(
+                layer.weight.detach().numpy()), w).ravel() for layer in pruner.layers.values()])
+            pruner.prune_groups(float(np.quantile(rms, args.sparsity)))
+        model, acc = _fit_user_model(args, source, pruner)
+        shape = tuple(next(iter(source.data()[1].batches(1)))[0].shape[1:])
+        detail = f"{args.method} at {args.sparsity:.0%}, {args.epochs} fine-tuning epochs"
+    path = export_onnx(model, shape, Path(args.out) / f"{source.name}-{args.method}.onnx")
+    print(f"{source.name} pruned ({detail}): accuracy {100 * acc:.2f} %; ONNX in {path}")
     return 0
+
+
+def _source_error(msg: str):
+    from .sources import SourceError
+
+    return SourceError(msg)
+
+
+def _compile_shared_library(args, spec, source, variant, batch: int) -> Path:
+    """CPU and CUDA: build with tvm_scalpel.build and write a shared library (``export_library``)."""
+    from . import build
+
+    mod = variant.relax(batch)
+    plan = _plan_for(args, variant.method, mod, spec)
+    ex = build(mod, spec.target, plan.compile_plan())
+    path = Path(args.output or Path(args.out) / f"{source.name}-{variant.method}-b{batch}.so")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ex.export_library(str(path))
+    path.with_suffix(".plan.json").write_text(plan.to_json() + "\n")
+    for d in plan.layers:
+        print(f"  {d.reason}")
+    return path
+
+
+def _compile_micro(args, spec, source, variant, batch: int) -> Path:
+    from .errors import TargetError
+
+    raise TargetError(f"scalpel compile: {spec.cpu} is a microcontroller target; its artefact (C sources + "
+                      "build files) comes from tvm_scalpel.micro, which the command does not call yet. "
+                      "Expected a CPU (llvm) or CUDA target")
+
+
+def cmd_compile(args) -> int:
+    from .sources import resolve
+    from .target import HardwareClass
+
+    source, spec = resolve(args.model), _spec(args)
+    compilers = {HardwareClass.CPU: _compile_shared_library, HardwareClass.GPU: _compile_shared_library,
+                 HardwareClass.MCU: _compile_micro}
+    compile_fn = compilers[spec.hardware_class]
+    if spec.hardware_class is HardwareClass.MCU:
+        return compile_fn(args, spec, source, None, args.batch)  # raises until the micro path is wired
+    variants, _, _, _ = _variants(args, spec, source, (args.method,), train=False)
+    path = compile_fn(args, spec, source, variants[args.method], args.batch)
+    print(f"wrote {path} ({args.method}, batch {args.batch}, {spec.cpu}) and {path.with_suffix('.plan.json')}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "profile": cmd_profile, "train": cmd_train, "prune": cmd_prune,
+            "compile": cmd_compile, "bench": cmd_bench, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_pools_or_reexec(argv)
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "profile": cmd_profile}[args.cmd](args)
+    from .errors import ScalpelError
+
+    try:
+        return COMMANDS[args.cmd](args)
+    except ScalpelError as err:
+        print(f"scalpel {args.cmd}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,3 +30,8 @@ class KernelError(ScalpelError, ValueError):
 @tvm_ffi.register_error
 class PlanError(ScalpelError, ValueError):
     """A pruning plan or per-layer setting that does not match the model it is applied to."""
+
+
+@tvm_ffi.register_error
+class VerificationError(ScalpelError):
+    """A compiled model whose outputs differ from its reference (PyTorch, or the dense kernels)."""

@@ -110,6 +110,16 @@ def traditional(mod: tvm.IRModule, spec: HardwareSpec, round_to: int = 1) -> Pru
                        round_to=round_to)
 
 
+def all_dense(mod: tvm.IRModule, spec: HardwareSpec) -> PruningPlan:
+    """Every layer on our dense kernels, whatever zeros it has: the baseline the speedups divide by."""
+    layers = []
+    for shape, weight in layers_with_weights(mod):
+        zeros = 1.0 - np.count_nonzero(weight) / weight.size
+        layers.append(LayerDecision(shape.key, Method.DENSE, None, zeros, None,
+                                    f"{shape.key}: dense kernel ({zeros:.0%} zero weights unused)"))
+    return PruningPlan(hardware_class=spec.hardware_class, cpu=spec.cpu, layers=tuple(layers))
+
+
 def decide(mod: tvm.IRModule, spec: HardwareSpec, profile: HardwareProfile | None = None,
            w: int | None = None, round_to: int = 1) -> PruningPlan:
     """Decisions for every constant-weight layer of a (pruned) Relax module, from its weights, after
@@ -121,3 +131,25 @@ def decide(mod: tvm.IRModule, spec: HardwareSpec, profile: HardwareProfile | Non
         reached = float(1.0 - formats.group_mask(weight, w).mean())
         decisions.append(_decide(spec, shape, reached, w, profile))
     return PruningPlan(hardware_class=cls, cpu=spec.cpu, layers=tuple(decisions), round_to=round_to)
+
+
+def stored_weight_bytes(mod: tvm.IRModule, plan: PruningPlan | None = None) -> int:
+    """Bytes of every constant weight as ``plan`` compiles it (after dead nodes are folded): dense
+    values, group-sparse values + one index per group + row pointers, or CSR values + one index per
+    weight + row pointers. Without a plan every layer is dense."""
+    round_to = plan.round_to if plan is not None else 1
+    layers = layers_with_weights(mod, round_to)
+    decisions = plan.layers if plan is not None else (None,) * len(layers)
+    if len(decisions) != len(layers):
+        raise PlanError(f"the plan has {len(decisions)} layers, the module {len(layers)}: not the plan of this module")
+    total = 0
+    for (shape, weight), d in zip(layers, decisions):
+        if d is not None and d.key != shape.key:
+            raise PlanError(f"plan layer {d.key} does not match the module's layer {shape.key}")
+        if d is None or d.method is Method.DENSE:
+            total += formats.dense_bytes(weight)
+        elif d.method is Method.CSR:
+            total += formats.encode_csr(weight).sizes().total
+        else:
+            total += formats.encode(weight, d.group_width).sizes().total
+    return total
