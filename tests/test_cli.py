@@ -1,29 +1,214 @@
-"""The scalpel command, end to end on real MNIST with the quick recipe (a couple of minutes)."""
+"""The scalpel command: `run` end to end on real MNIST with the quick recipes (about a minute), then the
+sub-commands on its output, on a Python-file model and on an ONNX file."""
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 
+import numpy as np
 import pytest
+import torch
+import tvm
+from tvm import relax
 
+from tvm_scalpel import cli, formats
 from tvm_scalpel.data import is_available
+from tvm_scalpel.models import build_model
+
+needs_mnist = pytest.mark.skipif(not is_available("mnist"), reason="MNIST missing: python -m tvm_scalpel.data fetch")
+
+TINY_NET = '''
+"""A user model for scalpel: model() and data() (synthetic, 2 classes, 64 features)."""
+import torch
 
 
-def test_help_has_examples():
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 2))
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 64, generator=g)
+    y = (x[:, :8].sum(1) > 0).long()
+    return (x[:400], y[:400]), (x[400:], y[400:])
+'''
+
+
+@pytest.fixture
+def scalpel(monkeypatch, capsys):
+    """Run the command in this process (no re-exec: the quiet thread pools only matter for timing)."""
+    monkeypatch.setenv("SCALPEL_NO_REEXEC", "1")
+
+    def call(*argv):
+        rc = cli.main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    return call
+
+
+@pytest.fixture
+def tiny_net(tmp_path):
+    path = tmp_path / "tiny_net.py"
+    path.write_text(textwrap.dedent(TINY_NET))
+    return path
+
+
+def _load_vm(path):
+    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+
+
+def _vm_out(vm, x):
+    out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x)))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+def test_help_has_examples(capsys):
     out = subprocess.run([sys.executable, "-m", "tvm_scalpel.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "scalpel run lenet-300-100 --target host --quick" in out
+    for cmd in ("train", "prune", "compile", "bench", "report", "profile"):
+        assert f"scalpel {cmd} " in out
+        with pytest.raises(SystemExit):
+            cli._parser().parse_args([cmd, "--help"])
+        sub = capsys.readouterr().out
+        assert "example:" in sub and f"scalpel {cmd} " in sub
 
 
-@pytest.mark.skipif(not is_available("mnist"), reason="MNIST missing: python -m tvm_scalpel.data fetch")
-def test_run_quick_lenet_300_100(tmp_path):
+@pytest.fixture(scope="module")
+def run_out(tmp_path_factory):
+    """`scalpel run lenet-300-100 --quick`, as the README runs it (re-exec with quiet pools included)."""
+    if not is_available("mnist"):
+        pytest.skip("MNIST missing: python -m tvm_scalpel.data fetch")
+    out = tmp_path_factory.mktemp("run")
     cmd = [sys.executable, "-m", "tvm_scalpel.cli", "run", "lenet-300-100", "--target", "host", "--quick",
-           "--out", str(tmp_path), "--batches", "1", "--rounds", "3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+           "--out", str(out), "--batches", "1", "4", "--rounds", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "SCALPEL_NO_REEXEC"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| batch | dense compiled (us) | Scalpel compiled (us) | speedup |" in proc.stdout
-    report = json.loads((tmp_path / "report.json").read_text())
-    row = report["rows"][0]
-    assert row["dense"] > 0 and row["scalpel"] > 0 and row["speedup"] == pytest.approx(row["dense"] / row["scalpel"])
-    assert 0 < report["size_percent"] < 100 and report["final_accuracy"] > 0.9
-    assert any("linear:" in d for d in row["decisions"])
+    return out, proc.stdout
+
+
+@needs_mnist
+def test_run_report_rows_and_numbers(run_out):
+    out, stdout = run_out
+    report = json.loads((out / "report.json").read_text())
+    rows = {v["name"]: v for v in report["variants"]}
+    assert [v["name"] for v in report["variants"]] == ["dense", "traditional", "scalpel", "torch-dense", "torch-scalpel"]
+    assert report["provenance"]["threads"]["OMP_WAIT_POLICY"] == "PASSIVE"  # re-executed with quiet pools
+    for b in ("1", "4"):
+        dense, torch_dense = rows["dense"]["latency"][b]["median_us"], rows["torch-dense"]["latency"][b]["median_us"]
+        for v in rows.values():
+            med = v["latency"][b]["median_us"]
+            assert v["latency"][b]["p10_us"] <= med <= v["latency"][b]["p90_us"]
+            assert v["speedup_vs_dense"][b] == pytest.approx(dense / med)
+            assert v["speedup_vs_torch"][b] == pytest.approx(torch_dense / med)
+    # The compiled models classify the test images exactly as their PyTorch models do.
+    for name in ("traditional", "scalpel"):
+        assert rows[name]["compiled_accuracy"] == pytest.approx(rows[name]["accuracy"], abs=1e-3)
+        assert rows[name]["accuracy"] > 0.9
+    # Traditional pruning: CSR on every layer; its size is the CSR bytes of the magnitude recipe's weights.
+    assert {d["method"] for d in rows["traditional"]["decisions"]} == {"csr"}
+    net = build_model("lenet-300-100")
+    net.load_state_dict(torch.load(out / "checkpoints" / "lenet-300-100__magnitude__quick" / "final_state_dict.pt"))
+    weights = [m.weight.detach().numpy() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    csr = sum(formats.encode_csr(w).sizes().total for w in weights)  # folding dead nodes drops only row pointers
+    assert rows["traditional"]["size_percent"] == pytest.approx(100 * csr / sum(w.nbytes for w in weights), rel=0.01)
+    # Scalpel: group-sparse exactly where the reached sparsity meets the profiled crossover.
+    for d in rows["scalpel"]["decisions"]:
+        wins = d["crossover"] is not None and d["reached_sparsity"] >= d["crossover"] and d["reached_sparsity"] > 0
+        assert d["method"] == ("group" if wins else "dense"), d
+    assert 0 < rows["scalpel"]["size_percent"] < rows["traditional"]["size_percent"] < 100
+    assert rows["dense"]["size_percent"] == 100.0
+    # The printed table is report.md, with the paper's numbers beside ours.
+    md = (out / "report.md").read_text()
+    assert "| Scalpel compiled |" in stdout and "6.86x, 7.08 %" in md and "1.06x (mean of 5 models)" in md
+    for png in ("speedup_size.png", "decisions.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_mnist
+def test_compile_writes_a_shared_library_equal_to_torch(run_out, scalpel, tmp_path):
+    out, _ = run_out
+    so = tmp_path / "lenet-traditional.so"
+    rc, stdout, err = scalpel("compile", "lenet-300-100", "--quick", "--out", out, "--method", "traditional",
+                              "--batch", "2", "-o", so)
+    assert rc == 0, err
+    plan = json.loads(so.with_suffix(".plan.json").read_text())
+    assert {d["method"] for d in plan["layers"]} == {"csr"}
+    net = build_model("lenet-300-100").eval()
+    net.load_state_dict(torch.load(out / "checkpoints" / "lenet-300-100__magnitude__quick" / "final_state_dict.pt"))
+    x = torch.randn(2, *net.input_shape)
+    np.testing.assert_allclose(_vm_out(_load_vm(so), x.numpy()), net(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+@needs_mnist
+def test_report_rerenders_from_json(run_out, scalpel, tmp_path):
+    out, _ = run_out
+    rc, stdout, _ = scalpel("report", out, out, "--to", tmp_path)
+    assert rc == 0
+    assert stdout.count("## lenet-300-100 on") == 2  # one section per report.json given
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "decisions.png").is_file()
+
+
+def test_mcu_compile_is_a_clear_target_error(scalpel, tmp_path):
+    rc, _, err = scalpel("compile", "lenet-300-100", "--target", "cortex-m4", "--out", tmp_path)
+    assert rc == 2 and "microcontroller" in err and "tvm_scalpel.micro" in err
+
+
+def test_bench_without_pruned_models_says_what_to_run(scalpel, tmp_path):
+    rc, _, err = scalpel("bench", "lenet-300-100", "--quick", "--out", tmp_path)
+    assert rc == 2 and "scalpel prune lenet-300-100 --method" in err and "--quick" in err
+
+
+def test_unknown_model_lists_the_accepted_forms(scalpel, tmp_path):
+    rc, _, err = scalpel("bench", "resnet-9000", "--out", tmp_path)
+    assert rc == 2 and "reference name" in err and "Python file" in err and ".onnx" in err
+
+
+def test_python_file_train_prune_bench_and_onnx_compile(scalpel, tiny_net, tmp_path):
+    out = tmp_path / "out"
+    rc, stdout, err = scalpel("train", tiny_net, "--out", out, "--epochs", "2", "--seed", "3")
+    assert rc == 0, err
+    assert (out / "tiny_net-dense.pt").is_file() and "dense accuracy" in stdout
+    rc, stdout, err = scalpel("prune", tiny_net, "--out", out, "--method", "traditional", "--sparsity", "0.8",
+                              "--epochs", "1", "--seed", "3")
+    assert rc == 0, err
+    pruned = torch.load(out / "tiny_net-traditional.pt")
+    assert (pruned["0.weight"] == 0).float().mean() == pytest.approx(0.8, abs=0.01)
+
+    rc, stdout, err = scalpel("bench", tiny_net, "--out", out, "--quick", "--batches", "2", "--rounds", "2")
+    assert rc == 0, err
+    rows = {v["name"]: v for v in json.loads((out / "report.json").read_text())["variants"]}
+    for name in ("dense", "traditional", "scalpel"):
+        assert rows[name]["compiled_accuracy"] == pytest.approx(rows[name]["accuracy"], abs=1e-9)
+    # Dead neurons (zero row and bias, or a zero column in the next layer) are folded before deciding.
+    w0, b0, w2 = pruned["0.weight"], pruned["0.bias"], pruned["2.weight"]
+    alive = ((w0 != 0).any(1) | (b0 != 0)) & (w2 != 0).any(0)
+    first = rows["traditional"]["decisions"][0]
+    assert first["key"] == f"linear:{int(alive.sum())}x64" and first["method"] == "csr"
+    assert first["reached_sparsity"] == pytest.approx(1 - (w0[alive] != 0).float().mean().item())
+
+    # The pruned ONNX file compiles from its weights alone, to the same outputs as the pruned torch model.
+    so = tmp_path / "tiny.so"
+    rc, _, err = scalpel("compile", out / "tiny_net-traditional.onnx", "--out", out, "--method", "traditional",
+                         "--batch", "3", "-o", so)
+    assert rc == 0, err
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 2)).eval()
+    net.load_state_dict(pruned)
+    x = torch.randn(3, 64)
+    np.testing.assert_allclose(_vm_out(_load_vm(so), x.numpy()), net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_seed_makes_training_reproducible(scalpel, tiny_net, tmp_path):
+    weights = []
+    for run in ("a", "b", "c"):
+        seed = "7" if run != "c" else "8"
+        rc, _, err = scalpel("train", tiny_net, "--out", tmp_path / run, "--epochs", "1", "--seed", seed)
+        assert rc == 0, err
+        weights.append(torch.load(tmp_path / run / "tiny_net-dense.pt"))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
