@@ -1,0 +1,158 @@
+"""The Cortex-M path: graph reading, int16 quantisation, TVM → plain C, and bit-exact runs on QEMU."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from tvm.relax.frontend.torch import from_exported_program
+
+from tvm_scalpel import KernelError, TargetError, micro
+from tvm_scalpel.micro import Method, codegen, kernels, quantize
+
+needs_toolchain = pytest.mark.skipif(bool(micro.missing_tools()),
+                                     reason=f"needs the ARM toolchain and QEMU: {micro.runner.INSTALL}")
+
+
+class Small(nn.Module):
+    """Every layer kind of the MCU path: padded strided conv, ceil-mode max-pool, standalone ReLU
+    (after the pool), flatten, linear + fused ReLU, an odd reduction length (ragged last pair)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=1, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(8, 6, 3)
+        self.fc1 = nn.Linear(6 * 4 * 4, 21)
+        self.fc2 = nn.Linear(21, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.pool(self.conv1(x)))
+        x = self.conv2(x).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _group_prune(model: nn.Module, zero_fraction: float, seed: int = 0) -> nn.Module:
+    """Zero random aligned pairs along the reduction axis (w = 2), the way SIMD-aware pruning leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                w = m.weight.view(m.weight.shape[0], -1)
+                drop = torch.rand(w.shape[0], (w.shape[1] + 1) // 2, generator=g) < zero_fraction
+                w[drop.repeat_interleave(2, 1)[:, :w.shape[1]]] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    model = _group_prune(Small().eval(), 0.7)
+    x = torch.randn(16, 3, 12, 12)
+    mod = from_exported_program(torch.export.export(model, (x[:1],)))
+    return model, mod, x
+
+
+def test_graph_reads_the_chain_and_matches_torch(small):
+    model, mod, x = small
+    graph = micro.read_graph(mod)
+    kinds = [type(layer).__name__ for layer in graph.layers]
+    assert kinds == ["Conv", "MaxPool", "Conv", "Linear", "Linear"]
+    assert graph.layers[1].relu and graph.layers[3].relu and not graph.layers[4].relu
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = np.stack([micro.forward_float(graph, xi) for xi in x.numpy()])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_op_and_batch_are_clear_errors():
+    class Sig(nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x)
+    mod = from_exported_program(torch.export.export(Sig(), (torch.randn(1, 4),)))
+    with pytest.raises(KernelError, match="unsupported op relax.sigmoid"):
+        micro.read_graph(mod)
+    mod2 = from_exported_program(torch.export.export(nn.Linear(4, 2), (torch.randn(2, 4),)))
+    with pytest.raises(KernelError, match="expected batch 1"):
+        micro.read_graph(mod2)
+
+
+def test_quantisation_bound_and_accuracy(small):
+    model, mod, x = small
+    q = micro.quantize(micro.read_graph(mod), x.numpy())
+    for ql in q.layers:
+        if ql.weight is not None:
+            # The accumulator can never overflow, for any int16 input.
+            bound = np.abs(ql.bias.astype(np.int64)) + np.abs(ql.weight.astype(np.int64)).sum(1) * 32768
+            assert bound.max() < 2**31
+            assert ql.shift >= 0
+            assert ql.weight.shape[1] % 2 == 0  # pairs for SMLAD
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = np.stack([q.dequantize(q.run(q.quantize_input(xi))) for xi in x.numpy()])
+    assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_calibration_shape_is_checked(small):
+    _, mod, _ = small
+    with pytest.raises(KernelError, match=r"calibration: expected inputs of shape \[N, 3, 12, 12\]"):
+        micro.quantize(micro.read_graph(mod), np.zeros((4, 12, 12, 3), np.float32))
+
+
+def test_generated_c_is_plain_and_uses_smlad_only_where_pairs_survive():
+    src = codegen.to_c({"d": kernels.dense(4, 5, 1, 7, True), "g": kernels.group(4, 5, 9, 1, 7, False),
+                        "c": kernels.csr(4, 10, 13, 1, 7, False)})
+    assert "tvm/" not in src and "__tvm_ffi" not in src and "TVMBackend" not in src
+    bodies = dict(re.findall(r"void (\w)\(.*?\) \{(.*?)\n\}", src, re.S))
+    assert bodies["d"].count("__smlad") == 4 + 1  # unrolled by 4, one tail word
+    assert "__smlad" in bodies["g"] and "cp[" in bodies["g"]  # one index per pair
+    assert "__smlad" not in bodies["c"]  # an index per weight breaks the pairs
+
+
+def test_errors_for_non_mcu_targets(small, tmp_path):
+    _, mod, x = small
+    with pytest.raises(TargetError, match="expected a microcontroller target"):
+        micro.build(mod, "host", tmp_path, x.numpy())
+
+
+@needs_toolchain
+def test_board_matches_numpy_bit_exactly_for_every_kernel(small, tmp_path):
+    model, mod, x = small
+    before = mod.script(show_meta=True)
+    outs, counts = {}, {}
+    for method in Method:
+        project = micro.build(mod, "cortex-m4", tmp_path / method.value, x.numpy(), methods=method,
+                              inputs=x.numpy()[:4])
+        result = micro.build_and_run(project)
+        ref = np.stack([project.model.run(xq) for xq in project.inputs])
+        np.testing.assert_array_equal(result.outputs, ref)
+        outs[method], counts[method] = result.outputs, result.instructions
+        assert len(set(result.instructions)) == 1  # no data-dependent control flow
+    # Same integers whatever the format: the accumulator never overflows, so order does not matter.
+    np.testing.assert_array_equal(outs[Method.DENSE], outs[Method.GROUP])
+    np.testing.assert_array_equal(outs[Method.DENSE], outs[Method.CSR])
+    assert mod.script(show_meta=True) == before  # the user's module is untouched
+
+
+@needs_toolchain
+def test_instruction_count_is_deterministic(small, tmp_path):
+    _, mod, x = small
+    project = micro.build(mod, "cortex-m4", tmp_path, x.numpy(), inputs=x.numpy()[:1])
+    first = micro.build_and_run(project).instructions
+    second = micro.build_and_run(project).instructions
+    assert first == second and first[0] > 1000
+
+
+@needs_toolchain
+def test_group_kernel_cost_scales_with_kept_pairs(tmp_path):
+    """A 64×256 layer at 25 % kept pairs: a kept pair costs the group kernel under twice what it costs the
+    dense SMLAD kernel (index load + gather), so it must run > 2× fewer instructions."""
+    torch.manual_seed(1)
+    layer = _group_prune(nn.Linear(256, 64).eval(), 0.75)
+    x = torch.randn(4, 256)
+    mod = from_exported_program(torch.export.export(layer, (x[:1],)))
+    runs = {m: micro.build_and_run(micro.build(mod, "cortex-m4", tmp_path / m.value, x.numpy(), methods=m,
+                                               inputs=x.numpy()[:1])) for m in (Method.DENSE, Method.GROUP)}
+    assert runs[Method.DENSE].instructions[0] / runs[Method.GROUP].instructions[0] > 2.0
+    assert runs[Method.GROUP].flash_bytes < runs[Method.DENSE].flash_bytes / 2

@@ -1,0 +1,247 @@
+"""Cortex-M int16 kernels in TIR, specialised to each layer's shapes and requantisation shift.
+
+Fixed point throughout: int16 activations and weights, int32 accumulators and biases; a layer's result
+is ``clamp((acc + 2^(s-1)) >> s, lo, 32767)`` with ``lo = 0`` when a ReLU is fused. Three ways to
+multiply a weight matrix [O, K] by P input vectors (P = 1 for a Linear layer, the output pixels of a
+conv after im2col; inputs are pixel-major rows of Kp = K rounded up to even int16):
+
+- ``dense``: every weight; int16 pairs as int32 words, two MACs per ``SMLAD`` (the DSP SIMD).
+- ``group``: Scalpel's SIMD-aware format at w = 2: one word of two weights and one index per kept
+  group, one SMLAD per group. Index arrays are runtime buffers.
+- ``csr``: traditional pruning's format, an index per weight; no SIMD (the pair is broken), one MLA.
+
+Outputs are written [O, P] (channel-major, i.e. CHW for a conv).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from ..errors import KernelError
+
+I16_MIN, I16_MAX = -32768, 32767
+# Inner loops are unrolled explicitly (gcc -O2 does not), by the same factor in every kernel: the loop
+# overhead is shared fairly between dense, group-sparse and CSR.
+UNROLL = 4
+PIXEL_BLOCK = 4
+
+
+def _check(**dims: int) -> None:
+    for name, value in dims.items():
+        if not isinstance(value, int) or value < 0:
+            raise KernelError(f"{name}: expected a non-negative int, found {value!r}")
+
+
+def _requant(acc: tirx.PrimExpr, shift: int, relu: bool) -> tirx.PrimExpr:
+    """int32 accumulator → int16 with round-half-up shift and saturation (ReLU as the lower bound)."""
+    if shift < 0:
+        raise KernelError(f"requantisation shift: expected >= 0, found {shift}")
+    v = (acc + (1 << (shift - 1))) >> shift if shift > 0 else acc
+    return T.Cast("int16", T.max(T.min(v, I16_MAX), 0 if relu else I16_MIN))
+
+
+def _smlad(a: tirx.PrimExpr, b: tirx.PrimExpr, acc: tirx.PrimExpr) -> tirx.PrimExpr:
+    return T.call_extern("int32", "__smlad", a, b, acc)
+
+
+def _mul(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    return T.Cast("int32", a) * T.Cast("int32", b)
+
+
+def _pixel_blocks(P: int) -> tuple[int, int]:
+    """(pixels per block, blocks): a conv runs PIXEL_BLOCK pixels per pass over a weight row, so every
+    weight (and index) loaded serves several MACs; the last P % PIXEL_BLOCK pixels run one at a time."""
+    pb = PIXEL_BLOCK if P >= PIXEL_BLOCK else 1
+    return pb, P // pb
+
+
+def dense(O: int, K2: int, P: int, shift: int, relu: bool) -> tirx.PrimFunc:
+    """y[o, p] = requant(b[o] + Σ_k W[o, k]·x[p, k]); W and x as int32 words of int16 pairs (K2 words)."""
+    _check(O=O, K2=K2, P=P)
+    main, tail = K2 // UNROLL * UNROLL, K2 % UNROLL
+    pb, blocks = _pixel_blocks(P)
+
+    @T.macro
+    def row(W, x, b, y, acc, o, p0, n: int):
+        for u in T.unroll(n):
+            acc[u] = b[o]
+        for k0 in range(main // UNROLL):
+            for k1 in T.unroll(UNROLL):
+                for u in T.unroll(n):
+                    acc[u] = _smlad(W[o * K2 + k0 * UNROLL + k1], x[(p0 + u) * K2 + k0 * UNROLL + k1], acc[u])
+        for k in T.unroll(tail):
+            for u in T.unroll(n):
+                acc[u] = _smlad(W[o * K2 + main + k], x[(p0 + u) * K2 + main + k], acc[u])
+        for u in T.unroll(n):
+            y[o * P + p0 + u] = _requant(acc[u], shift, relu)
+
+    @T.prim_func
+    def f(Wp: T.handle("int32"), xp: T.handle("int32"), bp: T.handle("int32"), yp: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        W = T.decl_buffer((O * K2,), "int32", data=Wp)
+        x = T.decl_buffer((P * K2,), "int32", data=xp)
+        b = T.decl_buffer((O,), "int32", data=bp)
+        y = T.decl_buffer((O * P,), "int16", data=yp)
+        acc = T.decl_buffer((pb,), "int32", scope="global")
+        for p in range(blocks):
+            for o in range(O):
+                row(W, x, b, y, acc, o, p * pb, pb)
+        for p in range(P - blocks * pb):
+            for o in range(O):
+                row(W, x, b, y, acc, o, blocks * pb + p, 1)
+
+    return f
+
+
+def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool) -> tirx.PrimFunc:
+    """Group-sparse, w = 2: ``vals`` [G] words (two weights each), ``cols`` [G] the word index of each
+    group in its row, ``rows`` [O + 1] row pointers. One SMLAD and one index per group."""
+    _check(O=O, K2=K2, G=G, P=P)
+    pb, blocks = _pixel_blocks(P)
+
+    @T.macro
+    def row(vals, cols, rows, x, b, y, acc, gi, o, p0, n: int):
+        for u in T.unroll(n):
+            acc[u] = b[o]
+        gi[0] = rows[o]
+        while gi[0] + UNROLL <= rows[o + 1]:
+            for g1 in T.unroll(UNROLL):
+                for u in T.unroll(n):
+                    acc[u] = _smlad(vals[gi[0] + g1], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0] + g1])], acc[u])
+            gi[0] = gi[0] + UNROLL
+        while gi[0] < rows[o + 1]:
+            for u in T.unroll(n):
+                acc[u] = _smlad(vals[gi[0]], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0]])], acc[u])
+            gi[0] = gi[0] + 1
+        for u in T.unroll(n):
+            y[o * P + p0 + u] = _requant(acc[u], shift, relu)
+
+    @T.prim_func
+    def f(vp: T.handle("int32"), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle("int32"),
+          bp: T.handle("int32"), yp: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        vals = T.decl_buffer((max(G, 1),), "int32", data=vp)
+        cols = T.decl_buffer((max(G, 1),), "uint16", data=cp)
+        rows = T.decl_buffer((O + 1,), "int32", data=rp)
+        x = T.decl_buffer((P * K2,), "int32", data=xp)
+        b = T.decl_buffer((O,), "int32", data=bp)
+        y = T.decl_buffer((O * P,), "int16", data=yp)
+        acc = T.decl_buffer((pb,), "int32", scope="global")
+        gi = T.decl_buffer((1,), "int32", scope="global")
+        for p in range(blocks):
+            for o in range(O):
+                row(vals, cols, rows, x, b, y, acc, gi, o, p * pb, pb)
+        for p in range(P - blocks * pb):
+            for o in range(O):
+                row(vals, cols, rows, x, b, y, acc, gi, o, blocks * pb + p, 1)
+
+    return f
+
+
+def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool) -> tirx.PrimFunc:
+    """CSR: ``vals`` [NNZ] int16, ``cols`` [NNZ] element index, ``rows`` [O + 1]; one MLA per weight."""
+    _check(O=O, Kp=Kp, NNZ=NNZ, P=P)
+    pb, blocks = _pixel_blocks(P)
+
+    @T.macro
+    def row(vals, cols, rows, x, b, y, acc, gi, o, p0, n: int):
+        for u in T.unroll(n):
+            acc[u] = b[o]
+        gi[0] = rows[o]
+        while gi[0] + UNROLL <= rows[o + 1]:
+            for j1 in T.unroll(UNROLL):
+                for u in T.unroll(n):
+                    acc[u] = acc[u] + _mul(vals[gi[0] + j1], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0] + j1])])
+            gi[0] = gi[0] + UNROLL
+        while gi[0] < rows[o + 1]:
+            for u in T.unroll(n):
+                acc[u] = acc[u] + _mul(vals[gi[0]], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0]])])
+            gi[0] = gi[0] + 1
+        for u in T.unroll(n):
+            y[o * P + p0 + u] = _requant(acc[u], shift, relu)
+
+    @T.prim_func
+    def f(vp: T.handle("int16"), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle("int16"),
+          bp: T.handle("int32"), yp: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        vals = T.decl_buffer((max(NNZ, 1),), "int16", data=vp)
+        cols = T.decl_buffer((max(NNZ, 1),), "uint16", data=cp)
+        rows = T.decl_buffer((O + 1,), "int32", data=rp)
+        x = T.decl_buffer((P * Kp,), "int16", data=xp)
+        b = T.decl_buffer((O,), "int32", data=bp)
+        y = T.decl_buffer((O * P,), "int16", data=yp)
+        acc = T.decl_buffer((pb,), "int32", scope="global")
+        gi = T.decl_buffer((1,), "int32", scope="global")
+        for p in range(blocks):
+            for o in range(O):
+                row(vals, cols, rows, x, b, y, acc, gi, o, p * pb, pb)
+        for p in range(P - blocks * pb):
+            for o in range(O):
+                row(vals, cols, rows, x, b, y, acc, gi, o, blocks * pb + p, 1)
+
+    return f
+
+
+def im2col(C: int, H: int, W: int, KH: int, KW: int, stride: int, pad: int, OH: int, OW: int,
+           Kp: int) -> tirx.PrimFunc:
+    """x [C, H, W] → patches [OH·OW, Kp], each output pixel's receptive field contiguous (c, kh, kw
+    order, the per-filter flattening of the weights); zero outside the image and in the pad column."""
+    _check(C=C, H=H, W=W, KH=KH, KW=KW, stride=stride, pad=pad, OH=OH, OW=OW, Kp=Kp)
+    K = C * KH * KW
+
+    @T.prim_func
+    def f(xp: T.handle("int16"), op: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        x = T.decl_buffer((C * H * W,), "int16", data=xp)
+        out = T.decl_buffer((OH * OW * Kp,), "int16", data=op)
+        for oh in range(OH):
+            for ow in range(OW):
+                for c in range(C):
+                    for kh in range(KH):
+                        for kw in range(KW):
+                            out[(oh * OW + ow) * Kp + (c * KH + kh) * KW + kw] = T.if_then_else(
+                                oh * stride + kh >= pad and oh * stride + kh < H + pad
+                                and ow * stride + kw >= pad and ow * stride + kw < W + pad,
+                                x[(c * H + oh * stride + kh - pad) * W + ow * stride + kw - pad], T.int16(0))
+                for k in range(Kp - K):
+                    out[(oh * OW + ow) * Kp + K + k] = T.int16(0)
+
+    return f
+
+
+def max_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu: bool) -> tirx.PrimFunc:
+    """Max over K×K windows, clipped to the image (Caffe/torch ceil mode), optional fused ReLU."""
+    _check(C=C, H=H, W=W, K=K, stride=stride, OH=OH, OW=OW)
+
+    @T.prim_func
+    def f(xp: T.handle("int16"), yp: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        x = T.decl_buffer((C * H * W,), "int16", data=xp)
+        y = T.decl_buffer((C * OH * OW,), "int16", data=yp)
+        m = T.decl_buffer((1,), "int16", scope="global")
+        for c in range(C):
+            for oh in range(OH):
+                for ow in range(OW):
+                    m[0] = T.int16(0) if relu else T.int16(I16_MIN)
+                    for kh in range(K):
+                        for kw in range(K):
+                            if oh * stride + kh < H and ow * stride + kw < W:
+                                m[0] = T.max(m[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
+                    y[(c * OH + oh) * OW + ow] = m[0]
+
+    return f
+
+
+def relu(N: int) -> tirx.PrimFunc:
+    """In-place max(x, 0) over N int16 (a ReLU that could not be fused into the layer before it)."""
+    _check(N=N)
+
+    @T.prim_func
+    def f(xp: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        x = T.decl_buffer((N,), "int16", data=xp)
+        for i in range(N):
+            x[i] = T.max(x[i], T.int16(0))
+
+    return f

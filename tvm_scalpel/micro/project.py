@@ -1,0 +1,317 @@
+"""The deployable microcontroller project: TVM-generated kernels, a generated C driver, weights in
+flash, static activation buffers, and a Makefile for arm-none-eabi-gcc.
+
+Files written to the build directory:
+- ``kernels.c``  one TVM-generated kernel per layer (plain C, no TVM runtime);
+- ``model.c/.h`` weights as ``const`` arrays, two ping-pong activation arenas and an im2col scratch
+  (static, sized by the largest tensor each holds), and ``scalpel_model_run(input, output)``;
+- ``main.c``, ``startup.c``  the QEMU harness: test inputs, the instruction-count markers
+  ``cost_begin()``/``cost_end()`` around each inference, outputs printed over semihosting;
+- ``Makefile``, ``README.md``.
+Take ``kernels.c`` + ``model.c`` + ``model.h`` to a board; ``main.c``/``startup.c`` are for the emulator.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .. import formats
+from ..errors import KernelError
+from . import codegen, kernels
+from .graph import Conv, Linear, MaxPool, Relu
+from .quantize import QLayer, QuantizedModel
+
+
+class Method(str, enum.Enum):
+    DENSE = "dense"  # every weight, SMLAD on pairs
+    GROUP = "group"  # Scalpel SIMD-aware, w = 2, one index per pair
+    CSR = "csr"  # traditional pruning, one index per weight
+
+
+@dataclass(frozen=True)
+class Board:
+    """An emulated board: QEMU machine, compiler flags and memory."""
+
+    name: str
+    machine: str
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    memory_bytes: int
+    group_width: int  # int16 weights per SIMD MAC of the kernels we generate for it
+
+
+BOARDS = {
+    "cortex-m4": Board("cortex-m4", "mps2-an386",
+                       ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"),
+                       ("-Wl,--section-start=.isr_vector=0x0",), 4 << 20, 2),
+}
+
+_C_TYPES = {"int16": "int16_t", "int32": "int32_t", "uint16": "uint16_t"}
+
+
+@dataclass
+class _Emitter:
+    """Collects kernels, constant arrays and the driver's statements while walking the layers."""
+
+    kernels: dict = field(default_factory=dict)
+    arrays: list[str] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+    weight_bytes: dict = field(default_factory=dict)
+
+    def array(self, name: str, data: np.ndarray, dtype: str) -> str:
+        flat = np.asarray(data).astype(dtype).reshape(-1)
+        if flat.size == 0:
+            flat = np.zeros(1, dtype)
+        body = ",".join(str(int(v)) for v in flat)
+        self.arrays.append(f"static const {_C_TYPES[dtype]} {name}[{flat.size}] = {{{body}}};")
+        return name
+
+
+def _pairs(weight_q: np.ndarray) -> np.ndarray:
+    """int16 [.., 2k] → int32 words, element 2j in the low half (little-endian, as SMLAD reads them)."""
+    return np.ascontiguousarray(weight_q, dtype="<i2").view("<i4")
+
+
+def _weighted(e: _Emitter, i: int, q: QLayer, method: Method, src: str, dst: str, scratch: str) -> None:
+    layer = q.layer
+    O, Kp = q.weight.shape
+    P = 1
+    x = src
+    if isinstance(layer, Conv):
+        c, h, w = layer.in_shape
+        kh, kw = layer.weight.shape[2:]
+        oh, ow = layer.out_hw
+        P = oh * ow
+        e.kernels[f"l{i}_im2col"] = kernels.im2col(c, h, w, kh, kw, layer.stride, layer.pad, oh, ow, Kp)
+        e.calls.append(f"l{i}_im2col((int16_t*){src}, (int16_t*){scratch});")
+        x = scratch
+    bias = e.array(f"l{i}_bias", q.bias, "int32")
+    name = f"l{i}_{method.value}"
+    if method is Method.DENSE:
+        e.kernels[name] = kernels.dense(O, Kp // 2, P, q.shift, q.relu)
+        wts = e.array(f"l{i}_w", _pairs(q.weight), "int32")
+        e.calls.append(f"{name}((int32_t*){wts}, (int32_t*){x}, (int32_t*){bias}, (int16_t*){dst});")
+        sizes = formats.SizeReport(values=q.weight.size * 2, indices=0, row_pointers=0)
+    elif method is Method.GROUP:
+        g = formats.encode(q.weight, 2)
+        e.kernels[name] = kernels.group(O, Kp // 2, g.n_groups, P, q.shift, q.relu)
+        v = e.array(f"l{i}_vals", _pairs(g.values), "int32")
+        c_ = e.array(f"l{i}_cols", g.col_idx, "uint16")
+        r = e.array(f"l{i}_rows", g.row_ptr, "int32")
+        e.calls.append(f"{name}((int32_t*){v}, (uint16_t*){c_}, (int32_t*){r}, (int32_t*){x}, "
+                       f"(int32_t*){bias}, (int16_t*){dst});")
+        sizes = g.sizes(value_bytes=2, index_bytes=2)
+        sizes = formats.SizeReport(sizes.values, sizes.indices, (O + 1) * 4)
+    else:
+        m = formats.encode_csr(q.weight)
+        e.kernels[name] = kernels.csr(O, Kp, m.nnz, P, q.shift, q.relu)
+        v = e.array(f"l{i}_vals", m.values, "int16")
+        c_ = e.array(f"l{i}_cols", m.col_idx, "uint16")
+        r = e.array(f"l{i}_rows", m.row_ptr, "int32")
+        e.calls.append(f"{name}((int16_t*){v}, (uint16_t*){c_}, (int32_t*){r}, (int16_t*){x}, "
+                       f"(int32_t*){bias}, (int16_t*){dst});")
+        sizes = formats.SizeReport(values=m.nnz * 2, indices=m.nnz * 2, row_pointers=(O + 1) * 4)
+    e.weight_bytes[f"l{i}:{layer.key}"] = {"method": method.value, "values": sizes.values,
+                                           "indices": sizes.indices, "row_pointers": sizes.row_pointers,
+                                           "bias": O * 4}
+
+
+@dataclass(frozen=True)
+class Project:
+    """A generated build directory and what it holds."""
+
+    path: Path
+    board: Board
+    model: QuantizedModel
+    methods: tuple[str, ...]
+    weight_bytes: Mapping[str, Mapping[str, int]]
+    activation_bytes: int
+    inputs: np.ndarray  # int16 [N, *in_shape] compiled into main.c
+
+    @property
+    def elf(self) -> Path:
+        return self.path / "model.elf"
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape))
+
+
+def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] | Method, out_dir: Path,
+             inputs: np.ndarray) -> Project:
+    """Write the project for ``model``; ``methods`` per layer key (or one for all weighted layers)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    e = _Emitter()
+    n_out = _numel(model.graph.out_shape)
+    arenas = [0, 0]
+    scratch = max((_numel((*[q.layer.out_hw[0] * q.layer.out_hw[1]], q.weight.shape[1]))
+                   for q in model.layers if isinstance(q.layer, Conv)), default=0)
+    src, used = "input", []
+    last = len(model.layers) - 1
+    for i, q in enumerate(model.layers):
+        layer = q.layer
+        if isinstance(layer, Relu):  # in place
+            e.kernels[f"l{i}_relu"] = kernels.relu(_numel(layer.in_shape))
+            e.calls.append(f"l{i}_relu((int16_t*){src});")
+            used.append("relu")
+            continue
+        a = 0 if src != "arena0" else 1
+        dst = "output" if i == last else f"arena{a}"
+        if i != last:
+            arenas[a] = max(arenas[a], _numel(layer.out_shape))
+        if isinstance(layer, (Linear, Conv)):
+            method = methods if isinstance(methods, Method) else Method(methods.get(layer.key, Method.GROUP))
+            _weighted(e, i, q, method, src, dst, "scratch")
+            used.append(method.value)
+        elif isinstance(layer, MaxPool):
+            c, h, w = layer.in_shape
+            _, oh, ow = layer.out_shape
+            e.kernels[f"l{i}_maxpool"] = kernels.max_pool(c, h, w, layer.size, layer.stride, oh, ow, layer.relu)
+            e.calls.append(f"l{i}_maxpool((int16_t*){src}, (int16_t*){dst});")
+            used.append("maxpool")
+        src = dst
+    if src != "output":
+        raise KernelError("microcontroller path: the model must end with a layer that writes the output")
+    words = [(n + 1) // 2 for n in (*arenas, scratch)]
+    (out_dir / "kernels.c").write_text(codegen.to_c(e.kernels))
+    (out_dir / "model.h").write_text(_model_h(model, n_out))
+    (out_dir / "model.c").write_text(_model_c(e, words))
+    (out_dir / "main.c").write_text(_main_c(inputs, n_out))
+    (out_dir / "startup.c").write_text(STARTUP_C)
+    (out_dir / "Makefile").write_text(_makefile(board))
+    (out_dir / "README.md").write_text(README.format(board=board.name, machine=board.machine))
+    meta = {"board": board.name, "layers": used, "frac_in": model.frac_in, "frac_out": model.frac_out,
+            "weight_bytes": e.weight_bytes, "activation_bytes": 4 * sum(words)}
+    (out_dir / "project.json").write_text(json.dumps(meta, indent=1))
+    return Project(out_dir, board, model, tuple(used), e.weight_bytes, 4 * sum(words), inputs)
+
+
+def _model_h(model: QuantizedModel, n_out: int) -> str:
+    n_in = _numel(model.graph.in_shape)
+    return f"""\
+/* Generated by tvm_scalpel. int16 fixed point: input = round(x * 2^{model.frac_in}),
+ * output = value * 2^-{model.frac_out}. */
+#ifndef SCALPEL_MODEL_H
+#define SCALPEL_MODEL_H
+#include <stdint.h>
+#define SCALPEL_INPUT_SIZE {n_in}
+#define SCALPEL_OUTPUT_SIZE {n_out}
+#define SCALPEL_INPUT_FRAC {model.frac_in}
+#define SCALPEL_OUTPUT_FRAC {model.frac_out}
+/* One inference. input: SCALPEL_INPUT_SIZE int16 (CHW), 4-byte aligned; output: SCALPEL_OUTPUT_SIZE. */
+void scalpel_model_run(const int16_t *input, int16_t *output);
+#endif
+"""
+
+
+def _model_c(e: _Emitter, words: list[int]) -> str:
+    protos = "\n".join(_prototype(name, f) for name, f in e.kernels.items())
+    buffers = "\n".join(f"static int32_t {n}[{max(w, 1)}];" for n, w in zip(("arena0", "arena1", "scratch"), words))
+    calls = "\n  ".join(e.calls)
+    return f"""\
+/* Generated by tvm_scalpel: weights in flash, static activation buffers, layers in order. */
+#include "model.h"
+
+{protos}
+
+{chr(10).join(e.arrays)}
+
+/* Activations ping-pong between two arenas; convolutions unfold their input into the scratch. */
+{buffers}
+
+void scalpel_model_run(const int16_t *input, int16_t *output) {{
+  {calls}
+}}
+"""
+
+
+def _prototype(name: str, func) -> str:
+    params = ", ".join(f"{_C_TYPES[str(p.ty.element_type.dtype)]}*" for p in func.params)
+    return f"void {name}({params});"
+
+
+def _main_c(inputs: np.ndarray, n_out: int) -> str:
+    n, size = inputs.shape[0], _numel(inputs.shape[1:])
+    rows = ",\n".join("{" + ",".join(str(int(v)) for v in x.reshape(-1)) + "}" for x in inputs)
+    return f"""\
+/* QEMU harness: runs each compiled-in input, counts instructions between the markers, prints outputs. */
+#include <stdio.h>
+#include "model.h"
+
+__attribute__((noinline)) void cost_begin(void) {{ __asm volatile(""); }}
+__attribute__((noinline)) void cost_end(void) {{ __asm volatile(""); }}
+
+static const int16_t inputs[{n}][{size}] __attribute__((aligned(4))) = {{
+{rows}
+}};
+static int16_t output[{n_out}] __attribute__((aligned(4)));
+
+int main(void) {{
+  for (int n = 0; n < {n}; n++) {{
+    cost_begin();
+    scalpel_model_run(inputs[n], output);
+    cost_end();
+    printf("out %d:", n);
+    for (int i = 0; i < SCALPEL_OUTPUT_SIZE; i++) printf(" %d", output[i]);
+    printf("\\n");
+  }}
+  return 0;
+}}
+"""
+
+
+STARTUP_C = """\
+/* Minimal Cortex-M start-up for QEMU: vector table (initial SP, reset), FPU on, then newlib's _start. */
+#include <stdint.h>
+extern void _start(void);
+static void reset_handler(void) {
+  *(volatile uint32_t *)0xE000ED88 |= 0xFu << 20; /* CPACR: CP10/CP11 full access */
+  __asm volatile("dsb\\n isb");
+  _start();
+}
+__attribute__((section(".isr_vector"), used)) const void *vector_table[2] = {(void *)0x00400000,
+                                                                            (void *)reset_handler};
+"""
+
+
+def _makefile(board: Board) -> str:
+    return f"""\
+# Generated by tvm_scalpel for {board.name} (QEMU machine {board.machine}).
+CC = arm-none-eabi-gcc
+SIZE = arm-none-eabi-size
+CFLAGS = -O2 -funroll-loops -std=c11 -Wall -Wno-unused-variable -ffunction-sections -fdata-sections {' '.join(board.cflags)}
+LDFLAGS = --specs=rdimon.specs {' '.join(board.ldflags)}
+
+model.elf: startup.o main.o model.o kernels.o
+\t$(CC) $(CFLAGS) $^ $(LDFLAGS) -o $@
+
+%.o: %.c model.h
+\t$(CC) $(CFLAGS) -c $< -o $@
+
+size: model.o kernels.o
+\t$(SIZE) -A model.o kernels.o
+
+run: model.elf
+\tqemu-system-arm -M {board.machine} -nographic -semihosting -kernel model.elf
+
+clean:
+\trm -f *.o model.elf
+"""
+
+
+README = """\
+# Generated by tvm_scalpel for {board}
+
+- `kernels.c`: the layer kernels, generated by TVM's C code generator (plain C, no TVM runtime).
+- `model.c`, `model.h`: weights (`const`, in flash), static activation buffers, `scalpel_model_run()`.
+- `main.c`, `startup.c`: a harness for QEMU (`make run`, machine {machine}); replace them on a board.
+
+Build: `make` (arm-none-eabi-gcc); `make size` prints the model's flash (text) and RAM (bss) bytes.
+"""
