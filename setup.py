@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["tvm_scalpel", "tvm_scalpel.*"]),
+    # The QEMU instruction-count plugin is compiled from source on first use.
+    package_data={"tvm_scalpel.micro": ["qemu_plugin/*.c", "qemu_plugin/*.h"]},
     install_requires=[
         # apache-tvm-ffi 0.1.15.x segfaults in save_json (MetaSchedule); keep this exact pin.
         "apache-tvm==0.27.0.post1",

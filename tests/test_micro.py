@@ -11,8 +11,13 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm_scalpel import KernelError, TargetError, micro
 from tvm_scalpel.micro import Method, codegen, kernels, quantize
 
-needs_toolchain = pytest.mark.skipif(bool(micro.missing_tools()),
-                                     reason=f"needs the ARM toolchain and QEMU: {micro.runner.INSTALL}")
+
+
+def needs_toolchain(test):
+    """Marked ``mcu``; skipped, naming the install command, where the toolchain is missing."""
+    skip = pytest.mark.skipif(bool(micro.missing_tools()),
+                              reason=f"needs the ARM toolchain and QEMU: {micro.runner.INSTALL}")
+    return pytest.mark.mcu(skip(test))
 
 
 class Small(nn.Module):
