@@ -348,7 +348,7 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
         if name in variants and variants[name].trained and test is not None:
             row["compiled_accuracy"] = _compiled_accuracy(vms[(name, max(args.batches))], test, max(args.batches))
         rows.append(row)
-    notes = [f"{VARIANT} weights: {v.source}" for VARIANT, v in variants.items() if v.source]
+    notes = [f"{m} weights: {v.source}" for m, v in variants.items() if v.source]
     if source.kind == "onnx":
         notes.append("ONNX model: every variant compiles the same weights (dense = dense kernels, dead nodes "
                      "folded); no data, so no accuracy and no PyTorch eager columns")
@@ -441,8 +441,8 @@ def cmd_train(args) -> int:
         print(f"{name}: accuracy {100 * res.final_accuracy:.2f} %, size {100 * res.plan.size_ratio:.2f} % of dense, "
               f"checkpoints in {Path(args.out) / 'checkpoints' / _slug(name)}")
         return 0
-    model, test = _fit_user_model(args, source, pruner=None)
-    print(f"{source.name}: dense accuracy {100 * test:.2f} %, weights in {_user_file(args, source, 'dense')}")
+    _, acc = _fit_user_model(args, source, pruner=None)
+    print(f"{source.name}: dense accuracy {100 * acc:.2f} %, weights in {_user_file(args, source, 'dense')}")
     return 0
 
 
