@@ -9,7 +9,8 @@ from torch import nn
 from tvm.relax.frontend.torch import from_exported_program
 
 from tvm_scalpel import KernelError, TargetError, micro
-from tvm_scalpel.micro import Method, codegen, kernels, quantize
+from tvm_scalpel.micro import Method, codegen, kernels
+from tvm_scalpel.models.base import LRNWithinChannel
 
 
 
@@ -21,20 +22,23 @@ def needs_toolchain(test):
 
 
 class Small(nn.Module):
-    """Every layer kind of the MCU path: padded strided conv, ceil-mode max-pool, standalone ReLU
-    (after the pool), flatten, linear + fused ReLU, an odd reduction length (ragged last pair)."""
+    """Every layer kind of the MCU path: padded conv, ceil-mode max-pool with a ReLU after it, Caffe's
+    within-channel LRN (alpha large enough to matter), conv + ReLU, ceil-mode average pool, flatten,
+    linear + ReLU, and odd reduction lengths (a ragged last pair)."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, stride=1, padding=1)
         self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.norm = LRNWithinChannel(3, 0.5, 0.75)
         self.conv2 = nn.Conv2d(8, 6, 3)
-        self.fc1 = nn.Linear(6 * 4 * 4, 21)
+        self.avg = nn.AvgPool2d(3, 2, ceil_mode=True)
+        self.fc1 = nn.Linear(6 * 2 * 2, 21)
         self.fc2 = nn.Linear(21, 5)
 
     def forward(self, x):
-        x = torch.relu(self.pool(self.conv1(x)))
-        x = self.conv2(x).flatten(1)
+        x = self.norm(torch.relu(self.pool(self.conv1(x))))
+        x = self.avg(torch.relu(self.conv2(x))).flatten(1)
         return self.fc2(torch.relu(self.fc1(x)))
 
 
@@ -63,8 +67,9 @@ def test_graph_reads_the_chain_and_matches_torch(small):
     model, mod, x = small
     graph = micro.read_graph(mod)
     kinds = [type(layer).__name__ for layer in graph.layers]
-    assert kinds == ["Conv", "MaxPool", "Conv", "Linear", "Linear"]
-    assert graph.layers[1].relu and graph.layers[3].relu and not graph.layers[4].relu
+    assert kinds == ["Conv", "MaxPool", "LRN", "Conv", "AvgPool", "Linear", "Linear"]
+    relu = [getattr(layer, "relu", None) for layer in graph.layers]
+    assert relu == [False, True, None, True, False, True, False]
     with torch.no_grad():
         ref = model(x).numpy()
     got = np.stack([micro.forward_float(graph, xi) for xi in x.numpy()])
@@ -97,6 +102,8 @@ def test_quantisation_bound_and_accuracy(small):
         ref = model(x).numpy()
     got = np.stack([q.dequantize(q.run(q.quantize_input(xi))) for xi in x.numpy()])
     assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max()
+    # The batched reference (accuracy on whole test sets) is the per-image one.
+    np.testing.assert_array_equal(q.run(q.quantize_input(x.numpy())), [q.run(q.quantize_input(xi)) for xi in x.numpy()])
 
 
 def test_calibration_shape_is_checked(small):

@@ -2,8 +2,9 @@
 
 The MCU path has no Relax VM: the generated C driver calls one kernel per layer in order. This module
 reads the main function's dataflow bindings into that chain and knows nothing about quantisation.
-Supported: conv2d (+ bias, groups 1), linear (matmul with a constant weight + bias), ReLU, max-pool,
-flatten, and torch.export's (max_pool, zeros) tuple. Anything else is a KernelError naming the op.
+Supported: conv2d (+ bias, groups 1), linear (matmul with a constant weight + bias), ReLU, max- and
+average pooling, Caffe's within-channel LRN (as the op pattern torch.export leaves), flatten, and
+torch.export's (max_pool, zeros) tuple. Anything else is a KernelError naming the op.
 """
 
 from __future__ import annotations
@@ -72,6 +73,33 @@ class MaxPool:
 
 
 @dataclass(frozen=True, eq=False)
+class AvgPool:
+    """Average over K×K windows without padding, clipped at the image edge (ceil mode), divided by the
+    number of pixels inside (torch's divisor when padding is 0)."""
+
+    size: int
+    stride: int
+    in_shape: Shape
+    out_shape: Shape
+    relu: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class LRN:
+    """Caffe's within-channel LRN: y = x · (k + alpha · mean_{n×n}(x²))^-beta, zero padding counted."""
+
+    size: int
+    alpha: float
+    k: float
+    beta: float
+    in_shape: Shape
+
+    @property
+    def out_shape(self) -> Shape:
+        return self.in_shape
+
+
+@dataclass(frozen=True, eq=False)
 class Relu:
     in_shape: Shape
 
@@ -80,7 +108,7 @@ class Relu:
         return self.in_shape
 
 
-Layer = Linear | Conv | MaxPool | Relu
+Layer = Linear | Conv | MaxPool | AvgPool | LRN | Relu
 WEIGHTED = (Linear, Conv)
 
 
@@ -154,7 +182,7 @@ class _Reader:
 
     def fuse_relu(self) -> object:
         last = self.layers[-1] if self.layers else None
-        if last is not None and not isinstance(last, Relu) and not last.relu:
+        if isinstance(last, (Linear, Conv, MaxPool, AvgPool)) and not last.relu:
             self.layers[-1] = replace(last, relu=True)
             return self.CURRENT
         return self.push(Relu(self.cur_shape))
@@ -172,8 +200,39 @@ class _Reader:
         self.layers[-1] = replace(last, bias=bias.astype(np.float32))
         return self.CURRENT
 
+    def lrn_step(self, op: str, call: relax.Call) -> object | None:
+        """One step of the LRN pattern torch.export leaves (x·x → avg-pool → ·alpha → +k → ^-beta → x·f):
+        partial results are tuples tagged with how far the pattern got."""
+        args = [self.value(a) for a in call.args]
+        tags = [a[0] if isinstance(a, tuple) and a and isinstance(a[0], str) else None for a in args]
+        const = [float(a.reshape(-1)[0]) if isinstance(a, np.ndarray) and a.size == 1 else None for a in args]
+        if op == "relax.multiply" and args[0] is self.CURRENT and args[1] is self.CURRENT:
+            return ("lrn_sq",)
+        if op == "relax.nn.avg_pool2d" and tags[0] == "lrn_sq":
+            a = call.attrs
+            n = int(a.pool_size[0])
+            if ({int(p) for p in a.pool_size} != {n} or {int(s) for s in a.strides} != {1}
+                    or {int(p) for p in a.padding} != {n // 2} or not a.count_include_pad):
+                raise KernelError(f"microcontroller path: LRN expects an n×n, stride 1, pad n//2 average, found {a}")
+            return ("lrn_mean", n)
+        for i, j in ((0, 1), (1, 0)):
+            if op == "relax.multiply" and tags[i] == "lrn_mean" and const[j] is not None:
+                return ("lrn_scaled", args[i][1], const[j])
+            if op == "relax.add" and tags[i] == "lrn_scaled" and const[j] is not None:
+                return ("lrn_base", *args[i][1:], const[j])
+            if op == "relax.multiply" and tags[i] == "lrn_factor" and args[j] is self.CURRENT:
+                _, n, alpha, k, beta = args[i]
+                return self.push(LRN(n, alpha, k, beta, self.cur_shape))
+        if op == "relax.power" and tags[0] == "lrn_base" and const[1] is not None:
+            return ("lrn_factor", *args[0][1:], -const[1])
+        return None
+
     def call(self, call: relax.Call) -> object:
         op, args = _op(call), call.args
+        if op in ("relax.multiply", "relax.add", "relax.power", "relax.nn.avg_pool2d"):
+            step = self.lrn_step(op, call)
+            if step is not None:
+                return step
         if op == "relax.permute_dims":
             return np.ascontiguousarray(np.transpose(self.const(args[0], "permute_dims"),
                                                      [int(a) for a in call.attrs.axes]))
@@ -195,12 +254,12 @@ class _Reader:
         if op == "relax.nn.relu":
             self.current(args[0], "relu")
             return self.fuse_relu()
-        if op == "relax.nn.max_pool2d":
-            return self.max_pool(call)
+        if op in ("relax.nn.max_pool2d", "relax.nn.avg_pool2d"):
+            return self.pool(call)
         if op == "relax.zeros_like":
             return self.IGNORED
         raise KernelError(f"microcontroller path: unsupported op {op or call.op}; supported: conv2d, linear "
-                          "(matmul + bias), relu, max_pool2d, flatten")
+                          "(matmul + bias), relu, max_pool2d, avg_pool2d, within-channel LRN, flatten")
 
     def conv2d(self, call: relax.Call) -> object:
         a = call.attrs
@@ -214,14 +273,15 @@ class _Reader:
         return self.push(Conv(np.ascontiguousarray(w, np.float32), np.zeros(w.shape[0], np.float32),
                               self.cur_shape, strides.pop(), pads.pop()))
 
-    def max_pool(self, call: relax.Call) -> object:
-        a = call.attrs
-        self.current(call.args[0], "max_pool2d")
+    def pool(self, call: relax.Call) -> object:
+        a, kind = call.attrs, _op(call).removeprefix("relax.nn.")
+        self.current(call.args[0], kind)
         size, strides = {int(p) for p in a.pool_size}, {int(s) for s in a.strides}
         if any(int(p) for p in a.padding) or any(int(d) != 1 for d in a.dilation) or len(size) != 1 \
                 or len(strides) != 1 or a.layout != "NCHW":
-            raise KernelError(f"microcontroller path: expected square NCHW max_pool2d without padding, found {a}")
-        return self.push(MaxPool(size.pop(), strides.pop(), self.cur_shape, _shape(call)))
+            raise KernelError(f"microcontroller path: expected a square NCHW {kind} without padding, found {a}")
+        cls = MaxPool if kind == "max_pool2d" else AvgPool
+        return self.push(cls(size.pop(), strides.pop(), self.cur_shape, _shape(call)))
 
 
 def read_graph(mod: tvm.IRModule) -> Graph:

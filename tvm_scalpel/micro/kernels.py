@@ -233,6 +233,63 @@ def max_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu
     return f
 
 
+def avg_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu: bool) -> tirx.PrimFunc:
+    """Mean over K×K windows clipped to the image (ceil mode), divided by the pixels inside, rounded
+    half up (floor division, so negative sums round like the numpy reference)."""
+    _check(C=C, H=H, W=W, K=K, stride=stride, OH=OH, OW=OW)
+
+    @T.prim_func
+    def f(xp: T.handle("int16"), yp: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        x = T.decl_buffer((C * H * W,), "int16", data=xp)
+        y = T.decl_buffer((C * OH * OW,), "int16", data=yp)
+        s = T.decl_buffer((1,), "int32", scope="global")
+        for c in range(C):
+            for oh in range(OH):
+                for ow in range(OW):
+                    s[0] = 0
+                    for kh in range(K):
+                        for kw in range(K):
+                            if oh * stride + kh < H and ow * stride + kw < W:
+                                s[0] = s[0] + T.Cast("int32", x[(c * H + oh * stride + kh) * W + ow * stride + kw])
+                    y[(c * OH + oh) * OW + ow] = T.Cast("int16", T.max(T.floordiv(
+                        2 * s[0] + (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride),
+                        2 * (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride)),
+                        0 if relu else I16_MIN))
+
+    return f
+
+
+def lrn(C: int, H: int, W: int, n: int, sq_shift: int, lut_shift: int, L: int) -> tirx.PrimFunc:
+    """Within-channel LRN in fixed point: t = Σ_{n×n, zero padded} (x² >> sq_shift);
+    y = (x · lut[min(t >> lut_shift, L - 1)] + 2^14) >> 15 with ``lut`` the Q15 factor table."""
+    _check(C=C, H=H, W=W, n=n, sq_shift=sq_shift, lut_shift=lut_shift, L=L)
+    p = n // 2
+
+    @T.prim_func
+    def f(xp: T.handle("int16"), lp: T.handle("uint16"), yp: T.handle("int16")):
+        T.func_attr({"tir.noalias": True})
+        x = T.decl_buffer((C * H * W,), "int16", data=xp)
+        lut = T.decl_buffer((L,), "uint16", data=lp)
+        y = T.decl_buffer((C * H * W,), "int16", data=yp)
+        t = T.decl_buffer((1,), "int32", scope="global")
+        for c in range(C):
+            for h in range(H):
+                for w in range(W):
+                    t[0] = 0
+                    for dh in range(n):
+                        for dw in range(n):
+                            if h + dh >= p and h + dh < H + p and w + dw >= p and w + dw < W + p:
+                                t[0] = t[0] + ((T.Cast("int32", x[(c * H + h + dh - p) * W + w + dw - p])
+                                                * T.Cast("int32", x[(c * H + h + dh - p) * W + w + dw - p]))
+                                               >> sq_shift)
+                    y[(c * H + h) * W + w] = T.Cast("int16", (T.Cast("int32", x[(c * H + h) * W + w])
+                                                              * T.Cast("int32", lut[T.min(t[0] >> lut_shift, L - 1)])
+                                                              + (1 << 14)) >> 15)
+
+    return f
+
+
 def relu(N: int) -> tirx.PrimFunc:
     """In-place max(x, 0) over N int16 (a ReLU that could not be fused into the layer before it)."""
     _check(N=N)

@@ -24,7 +24,7 @@ import numpy as np
 from .. import formats
 from ..errors import KernelError
 from . import codegen, kernels
-from .graph import Conv, Linear, MaxPool, Relu
+from .graph import LRN, AvgPool, Conv, Linear, MaxPool, Relu
 from .quantize import QLayer, QuantizedModel
 
 
@@ -170,12 +170,20 @@ def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] 
             method = methods if isinstance(methods, Method) else Method(methods.get(layer.key, Method.GROUP))
             _weighted(e, i, q, method, src, dst, "scratch")
             used.append(method.value)
-        elif isinstance(layer, MaxPool):
+        elif isinstance(layer, (MaxPool, AvgPool)):
             c, h, w = layer.in_shape
             _, oh, ow = layer.out_shape
-            e.kernels[f"l{i}_maxpool"] = kernels.max_pool(c, h, w, layer.size, layer.stride, oh, ow, layer.relu)
-            e.calls.append(f"l{i}_maxpool((int16_t*){src}, (int16_t*){dst});")
-            used.append("maxpool")
+            kind = "maxpool" if isinstance(layer, MaxPool) else "avgpool"
+            make = kernels.max_pool if isinstance(layer, MaxPool) else kernels.avg_pool
+            e.kernels[f"l{i}_{kind}"] = make(c, h, w, layer.size, layer.stride, oh, ow, layer.relu)
+            e.calls.append(f"l{i}_{kind}((int16_t*){src}, (int16_t*){dst});")
+            used.append(kind)
+        elif isinstance(layer, LRN):
+            c, h, w = layer.in_shape
+            e.kernels[f"l{i}_lrn"] = kernels.lrn(c, h, w, layer.size, q.sq_shift, q.lut_shift, len(q.lut))
+            lut = e.array(f"l{i}_lut", q.lut, "uint16")
+            e.calls.append(f"l{i}_lrn((int16_t*){src}, (uint16_t*){lut}, (int16_t*){dst});")
+            used.append("lrn")
         src = dst
     if src != "output":
         raise KernelError("microcontroller path: the model must end with a layer that writes the output")

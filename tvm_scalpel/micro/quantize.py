@@ -11,16 +11,17 @@ and CSR kernels give bit-identical outputs). Output: ``clamp((acc + 2^(s-1)) >> 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import KernelError
-from .graph import WEIGHTED, Conv, Graph, Layer, Linear, MaxPool, Relu
+from .graph import LRN, WEIGHTED, AvgPool, Conv, Graph, Layer, Linear, MaxPool, Relu
 
 I16_MAX = 32767
 ACC_LIMIT = 2**31 - 1
 MAX_FRAC = 24  # beyond this the scale is finer than any int16 value needs
+LRN_TABLE = 1024  # entries of the LRN factor table (uint16, Q15)
 
 
 def _frac_for(max_abs: float, limit: int = I16_MAX) -> int:
@@ -62,6 +63,27 @@ def max_pool(x: np.ndarray, layer: MaxPool, fill) -> np.ndarray:
     return out
 
 
+def _windows(x: np.ndarray, layer, fill) -> tuple[np.ndarray, np.ndarray]:
+    """(stack of the K·K strided views, count of real pixels per output) for a ceil-mode pool."""
+    c, h, w = layer.in_shape
+    _, oh, ow = layer.out_shape
+    k, s = layer.size, layer.stride
+    xp = np.pad(x, ((0, 0), (0, max(0, (oh - 1) * s + k - h)), (0, max(0, (ow - 1) * s + k - w))),
+                constant_values=fill)
+    views = np.stack([xp[:, i:i + s * oh:s, j:j + s * ow:s] for i in range(k) for j in range(k)])
+    rows = np.minimum(np.arange(oh) * s + k, h) - np.arange(oh) * s
+    cols = np.minimum(np.arange(ow) * s + k, w) - np.arange(ow) * s
+    return views, np.outer(rows, cols)
+
+
+def _window_sum_same(x: np.ndarray, n: int) -> np.ndarray:
+    """Σ over the n×n neighbourhood of every pixel, zero padded (stride 1, pad n//2)."""
+    c, h, w = x.shape
+    p = n // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p)))
+    return sum(xp[:, i:i + h, j:j + w] for i in range(n) for j in range(n))
+
+
 def forward_float(graph: Graph, x: np.ndarray, trace: list[np.ndarray] | None = None) -> np.ndarray:
     """The float model on one input [*in_shape] (checks the chain against torch; calibrates)."""
     y = np.asarray(x, np.float32).reshape(graph.in_shape)
@@ -73,6 +95,13 @@ def forward_float(graph: Graph, x: np.ndarray, trace: list[np.ndarray] | None = 
             y = (w2 @ im2col(y, layer).T + layer.bias[:, None]).reshape(layer.out_shape)
         elif isinstance(layer, MaxPool):
             y = max_pool(y.reshape(layer.in_shape), layer, -np.inf)
+        elif isinstance(layer, AvgPool):
+            views, count = _windows(y.reshape(layer.in_shape), layer, 0.0)
+            y = views.sum(0) / count
+        elif isinstance(layer, LRN):
+            y = y.reshape(layer.in_shape)
+            mean = _window_sum_same(y * y, layer.size) / layer.size**2
+            y = y * (layer.k + layer.alpha * mean) ** -layer.beta
         if getattr(layer, "relu", False) or isinstance(layer, Relu):
             y = np.maximum(y, 0)
         if trace is not None:
@@ -92,6 +121,9 @@ class QLayer:
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     frac_w: int | None = None
+    lut: np.ndarray | None = None  # LRN: factor table, uint16 Q15
+    lut_shift: int = 0  # LRN: table index = window Σ >> lut_shift
+    sq_shift: int = 0  # LRN: each x² is shifted right by this before summing (int32 headroom)
 
     @property
     def shift(self) -> int:
@@ -114,17 +146,23 @@ class QuantizedModel:
 
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
         q = np.round(np.asarray(x, np.float64) * 2.0**self.frac_in)
-        return np.clip(q, -I16_MAX - 1, I16_MAX).astype(np.int16).reshape(self.graph.in_shape)
+        q = np.clip(q, -I16_MAX - 1, I16_MAX).astype(np.int16)
+        return q.reshape(self.graph.in_shape) if q.size == np.prod(self.graph.in_shape) else \
+            q.reshape(-1, *self.graph.in_shape)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         return np.asarray(q, np.float64) / 2.0**self.frac_out
 
     def run(self, xq: np.ndarray) -> np.ndarray:
-        """The exact integer arithmetic of the generated C, for one int16 input."""
-        y = np.asarray(xq, np.int16).reshape(self.graph.in_shape)
+        """The exact integer arithmetic of the generated C: one int16 input [*in_shape] → [n_out], or a
+        batch [N, *in_shape] → [N, n_out]."""
+        xq = np.asarray(xq, np.int16)
+        single = xq.shape == self.graph.in_shape
+        y = xq.reshape(-1, *self.graph.in_shape)
         for q in self.layers:
             y = _run_layer(q, y)
-        return y.reshape(-1)
+        y = y.reshape(y.shape[0], -1)
+        return y[0] if single else y
 
 
 def _requant(acc: np.ndarray, shift: int, relu: bool) -> np.ndarray:
@@ -135,20 +173,55 @@ def _requant(acc: np.ndarray, shift: int, relu: bool) -> np.ndarray:
 
 
 def _run_layer(q: QLayer, y: np.ndarray) -> np.ndarray:
-    layer = q.layer
+    """One layer on a batch y [N, *in_shape] of int16."""
+    layer, n = q.layer, y.shape[0]
     if isinstance(layer, (Linear, Conv)):
         kp = q.weight.shape[1]
         if isinstance(layer, Linear):
-            x = y.reshape(1, -1)
+            x = y.reshape(n, 1, -1)
         else:
-            x = im2col(y.reshape(layer.in_shape), layer)
-        x = np.pad(x.astype(np.int64), ((0, 0), (0, kp - x.shape[1])))
-        acc = q.weight.astype(np.int64) @ x.T + q.bias.astype(np.int64)[:, None]  # [O, P]
-        return _requant(acc, q.shift, q.relu).reshape(layer.out_shape)
+            x = np.stack([im2col(yi.reshape(layer.in_shape), layer) for yi in y])  # [N, P, K]
+        x = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (0, kp - x.shape[2])))
+        acc = np.einsum("ok,npk->nop", q.weight.astype(np.int64), x) + q.bias.astype(np.int64)[None, :, None]
+        return _requant(acc, q.shift, q.relu).reshape(n, *layer.out_shape)
+    if isinstance(layer, AvgPool):
+        out = np.stack([_avg_pool_int(yi, layer) for yi in y])
+        return np.maximum(out, 0).astype(np.int16) if layer.relu else out
+    if isinstance(layer, LRN):
+        return np.stack([_lrn_int(yi, q) for yi in y])
     if isinstance(layer, MaxPool):
-        out = max_pool(y.reshape(layer.in_shape), layer, np.int16(-I16_MAX - 1))
+        c, h, w = layer.in_shape
+        flat = replace(layer, in_shape=(n * c, h, w), out_shape=(n * c, *layer.out_shape[1:]))
+        out = max_pool(y.reshape(n * c, h, w), flat, np.int16(-I16_MAX - 1)).reshape(n, *layer.out_shape)
         return np.maximum(out, 0).astype(np.int16) if layer.relu else out
     return np.maximum(y, 0).astype(np.int16)  # Relu
+
+
+def _avg_pool_int(y: np.ndarray, layer: AvgPool) -> np.ndarray:
+    """Σ of the real pixels, then round-half-up division by their count (floor division, as the C)."""
+    views, count = _windows(y.reshape(layer.in_shape).astype(np.int64), layer, 0)
+    return ((2 * views.sum(0) + count) // (2 * count)).astype(np.int16)
+
+
+def _lrn_int(y: np.ndarray, q: QLayer) -> np.ndarray:
+    x = y.reshape(q.layer.in_shape).astype(np.int64)
+    t = _window_sum_same((x * x) >> q.sq_shift, q.layer.size)
+    idx = np.minimum(t >> q.lut_shift, len(q.lut) - 1)
+    return ((x * q.lut[idx].astype(np.int64) + (1 << 14)) >> 15).astype(np.int16)
+
+
+def _quantize_lrn(layer: LRN, frac: int) -> QLayer:
+    """The factor (k + alpha·mean(x²))^-beta from a table indexed by the int32 window sum of x²."""
+    if layer.k < 1 or layer.alpha < 0 or layer.beta < 0:
+        raise KernelError(f"LRN: expected k >= 1, alpha >= 0, beta >= 0 (a factor <= 1), found {layer}")
+    n2 = layer.size**2
+    sq_shift = int(np.ceil(np.log2(n2)))  # n² terms of (32767² >> sq_shift) stay below 2^31
+    t_max = n2 * ((I16_MAX**2) >> sq_shift)
+    lut_shift = max(0, int(np.ceil(np.log2((t_max + 1) / LRN_TABLE))))
+    centre = (np.arange(LRN_TABLE) + 0.5) * 2.0**lut_shift * 2.0**sq_shift / 2.0**(2 * frac)  # Σ x² (real)
+    factor = (layer.k + layer.alpha * centre / n2) ** -layer.beta
+    lut = np.clip(np.round(factor * 2**15), 0, 2**15).astype(np.uint16)
+    return QLayer(layer, frac, frac, lut=lut, lut_shift=lut_shift, sq_shift=sq_shift)
 
 
 def _quantize_weighted(layer: Linear | Conv, frac_in: int, frac_out: int) -> QLayer:
@@ -188,6 +261,8 @@ def quantize(graph: Graph, calibration: np.ndarray) -> QuantizedModel:
     for layer, peak in zip(graph.layers, peaks):
         if isinstance(layer, WEIGHTED):
             q = _quantize_weighted(layer, frac_in, _frac_for(peak))
+        elif isinstance(layer, LRN):
+            q = _quantize_lrn(layer, frac_in)
         else:  # pools and ReLUs keep the scale
             q = QLayer(layer, frac_in, frac_in)
         qlayers.append(q)

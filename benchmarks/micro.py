@@ -1,0 +1,172 @@
+"""Scalpel on an emulated Cortex-M4 (QEMU mps2-an386): executed instructions, flash, RAM, accuracy.
+
+    python benchmarks/micro.py                         # LeNet-300-100 and LeNet-5, full recipes (trains if needed)
+    python benchmarks/micro.py --quick                 # the quick recipes (minutes)
+    python benchmarks/micro.py --models lenet-300-100 --no-train
+
+Per model, three int16 builds by the same flow (tvm_scalpel.micro: TVM-generated C, arm-none-eabi-gcc
+-O2 -funroll-loops, the same driver):
+- dense:       the dense architecture, every weight, SMLAD on int16 pairs (the baseline);
+- traditional: the magnitude-pruned model (Han et al.), CSR: an index per weight, no SIMD;
+- Scalpel:     the SIMD-aware pruned model (MCU recipe, w = 2 from hardware_spec('cortex-m4')),
+               one index per kept pair, SMLAD.
+Every build runs the first test images on QEMU; outputs must equal the numpy int16 reference bit for
+bit, and the Scalpel build runs twice to show the count is deterministic. Accuracy of the int16 models
+is the numpy reference on the whole test set (it is the board's arithmetic, checked above). The metric
+is instructions executed between cost_begin()/cost_end() (a QEMU TCG plugin), not cycles.
+Writes benchmarks/results/micro.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
+
+from tvm_scalpel import bench, micro  # noqa: E402
+from tvm_scalpel.micro import Method  # noqa: E402
+from tvm_scalpel.models import build_model  # noqa: E402
+from tvm_scalpel.training import run_recipe  # noqa: E402
+from tvm_scalpel.training.loop import load_data  # noqa: E402
+from train_recipes import resolve  # noqa: E402  (same folder)
+
+RESULTS = ROOT / "benchmarks" / "results"
+CHECKPOINTS = RESULTS / "tmp" / "training"
+# Yu et al., ISCA 2017, MCU (Cortex-M4): Scalpel speedup and relative size; traditional pruning's MCU mean.
+PAPER_MCU = {"lenet-300-100": (9.17, 6.93), "lenet-5": (3.51, 6.72), "convnet": (1.38, 40.95)}
+PAPER_TRADITIONAL_MEAN = 1.90
+CALIBRATION = 512
+
+logger = logging.getLogger("micro")
+
+
+def _trained(name: str, quick: bool, train: bool):
+    """The recipe as benchmarks/train_recipes.py runs it, so its checkpoints are reused."""
+    recipe = resolve(name, quick)
+    name = name + ("/quick" if quick else "")
+    # Quick runs keep their own checkpoints: train_recipes.py --quick may have run other quick settings.
+    ckpt = (RESULTS / "tmp" / "micro" / "training" if quick else CHECKPOINTS) / name.replace("/", "__")
+    if not train and not (ckpt / "final_state_dict.pt").is_file():
+        raise SystemExit(f"{name}: not trained yet ({ckpt}); run without --no-train or "
+                         f"python benchmarks/train_recipes.py --recipes {name.removesuffix('/quick')}")
+    return recipe, run_recipe(recipe, checkpoint_dir=ckpt)
+
+
+def _relax(model: torch.nn.Module, x: torch.Tensor):
+    return from_exported_program(torch.export.export(model.eval(), (x[:1],)))
+
+
+def _accuracy_fp32(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1).numpy() == labels).mean())
+
+
+def _measure(project: micro.Project, labels: np.ndarray, xs_test: np.ndarray, repeat: int = 1) -> dict:
+    runs = [micro.build_and_run(project) for _ in range(repeat)]
+    ref = project.model.run(project.inputs)
+    if not np.array_equal(runs[0].outputs, ref):
+        raise SystemExit(f"{project.path}: the board's outputs differ from the numpy int16 reference")
+    counts = [r.instructions for r in runs]
+    if len({c for run in counts for c in run}) != 1:
+        raise SystemExit(f"{project.path}: instruction counts differ between inputs or runs: {counts}")
+    pred = project.model.run(project.model.quantize_input(xs_test)).argmax(1)
+    weights = {k: sum(v[p] for p in ("values", "indices", "row_pointers")) for k, v in project.weight_bytes.items()}
+    return {"instructions": counts[0][0], "runs": len(runs), "board_images": len(project.inputs),
+            "bit_exact": True, "flash_bytes": runs[0].flash_bytes, "ram_bytes": runs[0].ram_bytes,
+            "weight_bytes": sum(weights.values()), "weight_bytes_by_layer": weights,
+            "accuracy_int16": float((pred == labels).mean()), "layers": list(project.methods)}
+
+
+def run_model(model_name: str, quick: bool, train: bool, images: int, out: Path) -> dict:
+    recipe, scalpel = _trained(f"{model_name}/mcu", quick, train)
+    _, traditional = _trained(f"{model_name}/magnitude", quick, train)
+    train_set, test_set = load_data(recipe)
+    g = torch.Generator().manual_seed(0)
+    calib = train_set.transform(train_set.images[torch.randperm(len(train_set), generator=g)[:CALIBRATION]])
+    x_test = test_set.transform(test_set.images)
+    labels = test_set.labels.numpy()
+    xs, board = x_test.numpy(), x_test[:images].numpy()
+    dense_arch = build_model(model_name)
+
+    rows = {}
+    builds = {"dense": (dense_arch, Method.DENSE, None), "traditional": (traditional.model, Method.CSR, traditional),
+              "scalpel": (scalpel.model, Method.GROUP, scalpel)}
+    for variant, (model, method, result) in builds.items():
+        project = micro.build(_relax(model, x_test), "cortex-m4", out / f"{model_name}-{variant}", calib.numpy(),
+                              methods=method, inputs=board)
+        row = _measure(project, labels, xs, repeat=2 if variant == "scalpel" else 1)
+        row["accuracy_fp32"] = _accuracy_fp32(model, x_test, labels)
+        row["recipe"] = None if result is None else result.recipe
+        rows[variant] = row
+        logger.info("%s %s: %d instructions, flash %d B, RAM %d B, int16 %.2f %% (fp32 %.2f %%)", model_name,
+                    variant, row["instructions"], row["flash_bytes"], row["ram_bytes"],
+                    100 * row["accuracy_int16"], 100 * row["accuracy_fp32"])
+    dense = rows["dense"]
+    for row in rows.values():
+        row["speedup"] = dense["instructions"] / row["instructions"]
+        row["size_percent"] = 100 * row["weight_bytes"] / dense["weight_bytes"]
+    rows["dense"]["note"] = ("the dense architecture; instruction counts do not depend on weight values, and "
+                             "its accuracy is that of untrained weights, not reported")
+    rows["dense"].pop("accuracy_int16")
+    rows["dense"].pop("accuracy_fp32")
+    return {"model": model_name, "dataset": recipe.data.name, "quick": quick,
+            "dense_fp32_accuracy": scalpel.dense_accuracy, "board": "cortex-m4 (QEMU mps2-an386)",
+            "variants": rows, "paper": {"scalpel_speedup": PAPER_MCU[model_name][0],
+                                        "scalpel_size_percent": PAPER_MCU[model_name][1],
+                                        "traditional_mean_speedup": PAPER_TRADITIONAL_MEAN}}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["# Scalpel on a Cortex-M4 (QEMU mps2-an386), int16", "",
+             "Instructions executed per inference (QEMU TCG plugin; instructions, not cycles). Speedup and size "
+             "(weights + indices + row pointers, bytes) are relative to the dense int16 SMLAD build of the same "
+             "flow. Accuracy: int16 model on the whole test set (numpy reference, bit-exact with the board).", "",
+             "| model | variant | instructions | speedup | size | flash B | RAM B | acc int16 | acc fp32 | paper |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p = r["paper"]
+        for name, v in r["variants"].items():
+            paper = {"scalpel": f"{p['scalpel_speedup']}x ({p['scalpel_size_percent']} %)",
+                     "traditional": f"mean {p['traditional_mean_speedup']}x"}.get(name, "")
+            acc = (f"{100 * v['accuracy_int16']:.2f} %", f"{100 * v['accuracy_fp32']:.2f} %") \
+                if "accuracy_int16" in v else ("-", "-")
+            lines.append(f"| {r['model']}{' (quick)' if r['quick'] else ''} | {name} | {v['instructions']:,} | "
+                         f"{v['speedup']:.2f}x | {v['size_percent']:.2f} % | {v['flash_bytes']:,} | "
+                         f"{v['ram_bytes']:,} | {acc[0]} | {acc[1]} | {paper} |")
+        lines.append(f"| | dense fp32 (training) | | | | | | | {100 * (r['dense_fp32_accuracy'] or 0):.2f} % | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet-5"])
+    ap.add_argument("--quick", action="store_true", help="the quick recipes")
+    ap.add_argument("--no-train", action="store_true", help="fail instead of training a missing recipe")
+    ap.add_argument("--images", type=int, default=4, help="test images run on the board")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results, "
+                    "or benchmarks/results/quick with --quick)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    micro.check_toolchain()
+    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    build_dir = RESULTS / "tmp" / "micro"
+    results = [run_model(m, args.quick, not args.no_train, args.images, build_dir) for m in args.models]
+    out.mkdir(parents=True, exist_ok=True)
+    bench.write_json(out / "micro.json", {"provenance": bench.provenance({"kind": "cortex-m4", "machine": "mps2-an386"}),
+                                          "results": results})
+    (out / "micro.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
