@@ -142,12 +142,12 @@ def _recipe_result(args, name: str, train: bool):
     from .errors import ScalpelError
     from .training import get_recipe, run_recipe
 
+    recipe = get_recipe(name, target=_target(args.target))  # first: says which models have recipes
     ckpt = Path(args.out) / "checkpoints" / _slug(name)
     if not train and not (ckpt / "final_state_dict.pt").is_file():
         method = "traditional" if "/magnitude" in name else "scalpel"
         raise ScalpelError(f"{ckpt} has no finished recipe {name!r}; run `scalpel prune {args.model} --method "
                            f"{method}{' --quick' if args.quick else ''} --out {args.out}` first (or `scalpel run`)")
-    recipe = get_recipe(name, target=_target(args.target))
     if recipe.seed != args.seed:
         recipe = replace(recipe, seed=args.seed)
     logger.info("recipe %s (checkpoints %s)", name, ckpt)
