@@ -168,3 +168,25 @@ def test_group_kernel_cost_scales_with_kept_pairs(tmp_path):
                                                inputs=x.numpy()[:1])) for m in (Method.DENSE, Method.GROUP)}
     assert runs[Method.DENSE].instructions[0] / runs[Method.GROUP].instructions[0] > 2.0
     assert runs[Method.GROUP].flash_bytes < runs[Method.DENSE].flash_bytes / 2
+
+
+@needs_toolchain
+def test_build_entry_point_takes_the_plan(small, tmp_path):
+    """tvm_scalpel.build(..., 'cortex-m4') is the same flow: CSR layers and thresholds come from the plan,
+    unknown layer keys are an error, and the project runs bit-exactly."""
+    import tvm_scalpel
+    from tvm_scalpel import CompilePlan, PlanError
+
+    from tvm_scalpel.passes.fold_node_masks import FoldNodeMasks
+
+    _, mod, x = small
+    graph = micro.read_graph(FoldNodeMasks()(mod))  # keys name the layers as built: dead nodes folded
+    keys = [layer.key for layer in graph.layers if hasattr(layer, "weight")]
+    plan = CompilePlan(layer_thresholds={keys[0]: 2.0}, csr_layers=frozenset({keys[-1]}))
+    project = tvm_scalpel.build(mod, "cortex-m4", plan, out_dir=tmp_path, calibration=x.numpy(), inputs=x.numpy()[:2])
+    assert project.methods[0] == "dense" and project.methods[-1] == "csr" and "group" in project.methods
+    result = micro.build_and_run(project)
+    np.testing.assert_array_equal(result.outputs, project.model.run(project.inputs))
+    with pytest.raises(PlanError, match=r"linear:1x1.*match no layer"):
+        tvm_scalpel.build(mod, "cortex-m4", CompilePlan(layer_thresholds={"linear:1x1": 0.5}), out_dir=tmp_path,
+                          calibration=x.numpy())

@@ -81,8 +81,10 @@ def test_plan_thresholds_and_errors(host_spec):
     mod = _import(model, torch.randn(1, 784), "export")
     with pytest.raises(tvm_scalpel.PlanError, match="linear:1x1"):
         tvm_scalpel.pipeline("host", CompilePlan(layer_thresholds={"linear:1x1": 0.5}))(mod)
-    with pytest.raises(TargetError, match="not built yet"):
+    with pytest.raises(TargetError, match="has no Relax pipeline"):
         tvm_scalpel.pipeline("cortex-m4")
+    with pytest.raises(tvm_scalpel.PlanError, match="expected out_dir=... and calibration"):
+        tvm_scalpel.build(mod, "cortex-m4")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH (CUDA toolkit needed to check PTX)")

@@ -4,7 +4,8 @@
 CPU (llvm): FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
 → ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
 kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): FoldNodeMasks, then TVM's CUDA
-pipeline (dlight schedules every op). The Cortex-M path is not built yet.
+pipeline (dlight schedules every op). Cortex-M: ``build`` hands over to ``tvm_scalpel.micro`` (int16,
+TVM-generated plain C per layer, a generated driver; no Relax VM on the board).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
         default = relax.get_default_pipeline(spec.target)
         return tvm.transform.Sequential([fold, default], name="scalpel_gpu")
     if spec.hardware_class is not HardwareClass.CPU:
-        raise TargetError(f"tvm_scalpel.build: the {spec.hardware_class.value} path ({spec.cpu}) is not "
-                          "built yet; expected a CPU (llvm) or CUDA target")
+        raise TargetError(f"tvm_scalpel.pipeline: {spec.cpu} is a microcontroller, which runs no Relax VM and so "
+                          "has no Relax pipeline; expected a CPU (llvm) or CUDA target, or use "
+                          "tvm_scalpel.build(mod, target, out_dir=..., calibration=...) for the C project")
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     target_obj = spec.target
@@ -84,9 +86,24 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
     return _pipeline
 
 
-def build(mod: tvm.IRModule, target: TargetLike, plan: CompilePlan | None = None) -> Any:
-    """Compile a Relax module (from torch.export or ONNX) for ``target``; returns the executable."""
+def build(mod: tvm.IRModule, target: TargetLike, plan: CompilePlan | None = None, *,
+          out_dir: str | None = None, calibration: Any = None, inputs: Any = None) -> Any:
+    """Compile a Relax module (from torch.export or ONNX) for ``target``; returns the executable.
+
+    For a microcontroller ('cortex-m4') the result is a ``tvm_scalpel.micro.Project``: the int16 model as
+    TVM-generated C + a driver + a Makefile in ``out_dir``, fixed-point scales from ``calibration``
+    (float inputs [N, *input shape]); ``inputs`` are compiled into its QEMU harness.
+    """
     spec = hardware_spec(target)
+    if spec.hardware_class is HardwareClass.MCU:
+        if out_dir is None or calibration is None:
+            raise PlanError("tvm_scalpel.build for a microcontroller writes C sources to out_dir and quantises "
+                            "to int16 with scales from calibration inputs; expected out_dir=... and "
+                            f"calibration=[N, *input shape], found out_dir={out_dir!r}, calibration="
+                            f"{None if calibration is None else 'given'}")
+        from . import micro
+
+        return micro.build(mod, target, out_dir, calibration, inputs=inputs, plan=plan or CompilePlan())
     tgt = spec.target
     if spec.hardware_class is HardwareClass.GPU:
         ensure_cuda_compiler()

@@ -10,7 +10,8 @@ from typing import Mapping
 import numpy as np
 import tvm
 
-from ..errors import TargetError
+from .. import formats
+from ..errors import PlanError, TargetError
 from ..passes.fold_node_masks import FoldConfig, FoldNodeMasks
 from ..target import HardwareClass, TargetLike, hardware_spec
 from .graph import Graph, read_graph
@@ -19,7 +20,7 @@ from .quantize import QuantizedModel, forward_float, quantize
 from .runner import RunResult, ToolchainMissing, build_and_run, check_toolchain, missing_tools
 
 __all__ = ["BOARDS", "Board", "Graph", "Method", "Project", "QuantizedModel", "RunResult", "ToolchainMissing",
-           "board_for", "build", "build_and_run", "check_toolchain", "forward_float", "missing_tools",
+           "board_for", "build", "build_and_run", "methods_from_plan", "check_toolchain", "forward_float", "missing_tools",
            "quantize", "read_graph"]
 
 
@@ -37,19 +38,45 @@ def board_for(target: TargetLike) -> Board:
     return board
 
 
+def methods_from_plan(graph: Graph, plan) -> dict[str, Method]:
+    """Per-layer kernels from a ``CompilePlan``: CSR for its ``csr_layers``; group-sparse where the
+    layer's fraction of zero pairs reaches its threshold (default 0: SIMD-aware everywhere, Scalpel's
+    MCU decision); dense above it. Keys that match no layer are a PlanError, as on the CPU."""
+    keys = {layer.key for layer in graph.layers if hasattr(layer, "weight")}
+    unknown = sorted((set(plan.layer_thresholds) | set(plan.csr_layers)) - keys)
+    if unknown:
+        raise PlanError(f"microcontroller build: per-layer settings for {unknown} match no layer; the model has "
+                        f"{sorted(keys)}")
+    methods = {}
+    for layer in graph.layers:
+        if not hasattr(layer, "weight"):
+            continue
+        zero_pairs = 1.0 - float(formats.group_mask(layer.weight, 2).mean())
+        if layer.key in plan.csr_layers:
+            methods[layer.key] = Method.CSR
+        else:
+            methods[layer.key] = Method.GROUP if zero_pairs >= plan.layer_thresholds.get(layer.key, 0.0) \
+                else Method.DENSE
+    return methods
+
+
 def build(mod: tvm.IRModule, target: TargetLike, out_dir: str | Path, calibration: np.ndarray,
-          methods: Mapping[str, Method | str] | Method | str = Method.GROUP, inputs: np.ndarray | None = None,
-          round_to: int = 1) -> Project:
+          methods: Mapping[str, Method | str] | Method | str | None = None, inputs: np.ndarray | None = None,
+          round_to: int = 1, plan=None) -> Project:
     """Quantise a (pruned) Relax model to int16 and write its microcontroller project to ``out_dir``.
 
     ``calibration``: float inputs [N, *input shape] that choose the fixed-point scales. ``methods``:
     the kernel of every weighted layer (``group``: Scalpel's SIMD-aware format; ``dense``; ``csr``:
-    traditional pruning), one for all or per layer key. ``inputs``: float inputs compiled into the QEMU
+    traditional pruning), one for all or per layer key; default: from ``plan`` (a ``CompilePlan``, see
+    ``methods_from_plan``), else group-sparse everywhere. ``inputs``: float inputs compiled into the QEMU
     harness (default: the first calibration input). Dead nodes are folded first, so a node-pruned
     model gets physically smaller layers. The input module is not modified.
     """
     board = board_for(target)
+    round_to = plan.round_to if plan is not None else round_to
     graph = read_graph(FoldNodeMasks(FoldConfig(round_to=round_to))(mod))
+    if methods is None:
+        methods = methods_from_plan(graph, plan) if plan is not None else Method.GROUP
     model = quantize(graph, calibration)
     xs = np.asarray(calibration[:1] if inputs is None else inputs, np.float32)
     xq = np.stack([model.quantize_input(x) for x in xs])
