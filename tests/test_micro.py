@@ -190,3 +190,27 @@ def test_build_entry_point_takes_the_plan(small, tmp_path):
     with pytest.raises(PlanError, match=r"linear:1x1.*match no layer"):
         tvm_scalpel.build(mod, "cortex-m4", CompilePlan(layer_thresholds={"linear:1x1": 0.5}), out_dir=tmp_path,
                           calibration=x.numpy())
+
+
+@needs_toolchain
+def test_scalpel_compile_for_cortex_m4_writes_a_project_that_runs(monkeypatch, capsys, tmp_path):
+    """`scalpel prune/compile --target cortex-m4`: the MCU recipe (SIMD-aware pairs), then a C project
+    that QEMU runs bit-exactly, with fewer instructions than the dense build of the same model."""
+    from tvm_scalpel import cli
+
+    monkeypatch.setenv("SCALPEL_NO_REEXEC", "1")
+    common = ["lenet-300-100", "--target", "cortex-m4", "--quick", "--out", str(tmp_path)]
+    assert cli.main(["prune", *common]) == 0
+    counts = {}
+    for method in ("scalpel", "dense"):
+        capsys.readouterr()
+        assert cli.main(["compile", *common, "--method", method]) == 0
+        out = capsys.readouterr().out
+        folder = tmp_path / f"lenet-300-100-{method}-cortex-m4"
+        assert {"kernels.c", "model.c", "model.h", "Makefile", "plan.json"} <= {p.name for p in folder.iterdir()}
+        counts[method] = int(re.search(r"([\d,]+) instructions per inference, outputs bit-exact", out)[1]
+                             .replace(",", ""))
+        assert "SIMD-aware groups of 2" in out or method == "dense"
+    assert counts["dense"] > 2 * counts["scalpel"]
+    assert cli.main(["compile", *common, "--batch", "4"]) == 2  # a clear error, not a crash
+    assert "expected --batch 1" in capsys.readouterr().err

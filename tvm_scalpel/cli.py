@@ -9,6 +9,8 @@ examples:
   scalpel profile lenet-300-100 --target host          # dense vs group-sparse crossover per layer shape
   scalpel compile lenet-300-100 --quick -o net.so      # deployable artefact (.so via export_library)
   scalpel compile pruned.onnx --method traditional     # from an ONNX file's weights alone
+  scalpel prune lenet-300-100 --target cortex-m4 --quick   # SIMD-aware pairs (w = 2, int16 SMLAD)
+  scalpel compile lenet-300-100 --target cortex-m4 --quick # int16 C project + Makefile, run on QEMU
   scalpel bench lenet-300-100 --quick                  # time the pruned models already in --out
   scalpel bench my_net.py --batches 1 8                # a Python file defining model() and data()
   scalpel report scalpel-out other-out                 # re-render report.md + PNGs from report.json
@@ -94,7 +96,10 @@ def _parser():
             "scalpel compile lenet-300-100 --quick -o lenet.so", [common])
     c.add_argument("--method", choices=METHODS, default="scalpel")
     c.add_argument("--batch", type=int, default=1)
-    c.add_argument("-o", "--output", default=None, help="artefact path (default OUT/<model>-<method>-b<batch>.so)")
+    c.add_argument("-o", "--output", default=None, help="artefact path (default OUT/<model>-<method>-b<batch>.so; "
+                   "a folder OUT/<model>-<method>-<cpu> for a microcontroller)")
+    c.add_argument("--calibration", default=None, help="microcontrollers: float32 .npy inputs for the int16 scales "
+                   "(default: 512 images of the model's data)")
     add("bench", "time dense / traditional / Scalpel compiled and PyTorch eager, interleaved; write the report",
         "scalpel bench lenet-300-100 --quick --batches 1 16", [common, timing])
     c = sub.add_parser("report", help="re-render report.md and the PNG plots from report.json files",
@@ -528,12 +533,41 @@ def _compile_shared_library(args, spec, source, variant, batch: int) -> Path:
     return path
 
 
-def _compile_micro(args, spec, source, variant, batch: int) -> Path:
-    from .errors import TargetError
+def _compile_micro(args, spec, source, variant, batch: int, test) -> Path:
+    """Cortex-M: the int16 project (TVM-generated C, driver, Makefile) via tvm_scalpel.build; if the ARM
+    toolchain is here, also build it, run it on QEMU and check it against the int16 reference."""
+    import numpy as np
 
-    raise TargetError(f"scalpel compile: {spec.cpu} is a microcontroller target; its artefact (C sources + "
-                      "build files) comes from tvm_scalpel.micro, which the command does not call yet. "
-                      "Expected a CPU (llvm) or CUDA target")
+    from . import build, micro
+    from .errors import PlanError
+
+    if batch != 1:
+        raise PlanError(f"scalpel compile: a microcontroller runs one inference at a time; expected --batch 1, "
+                        f"found {batch}")
+    if args.calibration:
+        calibration = np.load(args.calibration).astype("float32")
+    elif test is not None:
+        calibration = next(iter(test.batches(512)))[0].numpy()
+    else:
+        raise PlanError("scalpel compile: int16 scales need calibration inputs and this model brings no data; "
+                        "pass --calibration FILE.npy (float32 [N, *input shape])")
+    mod = variant.relax(1)
+    plan = _plan_for(args, variant.method, mod, spec)
+    path = Path(args.output or Path(args.out) / f"{source.name}-{variant.method}-{spec.cpu}")
+    project = build(mod, spec.target, plan.compile_plan(), out_dir=path, calibration=calibration,
+                    inputs=calibration[:4])
+    (path / "plan.json").write_text(plan.to_json() + "\n")
+    for d in plan.layers:
+        print(f"  {d.reason}")
+    if micro.missing_tools():
+        print(f"  (not built: {', '.join(micro.missing_tools())} missing; install with: {micro.runner.INSTALL})")
+        return path
+    result = micro.build_and_run(project)
+    if not np.array_equal(result.outputs, project.model.run(project.inputs)):
+        raise PlanError(f"{path}: QEMU's outputs differ from the int16 reference")
+    print(f"  QEMU {project.board.machine}: {result.instructions[0]:,} instructions per inference, outputs "
+          f"bit-exact with the int16 reference; flash {result.flash_bytes:,} B, RAM {result.ram_bytes:,} B")
+    return path
 
 
 def cmd_compile(args) -> int:
@@ -544,9 +578,11 @@ def cmd_compile(args) -> int:
     compilers = {HardwareClass.CPU: _compile_shared_library, HardwareClass.GPU: _compile_shared_library,
                  HardwareClass.MCU: _compile_micro}
     compile_fn = compilers[spec.hardware_class]
+    variants, test, _, _ = _variants(args, spec, source, (args.method,), train=False)
     if spec.hardware_class is HardwareClass.MCU:
-        return compile_fn(args, spec, source, None, args.batch)  # raises until the micro path is wired
-    variants, _, _, _ = _variants(args, spec, source, (args.method,), train=False)
+        path = compile_fn(args, spec, source, variants[args.method], args.batch, test)
+        print(f"wrote {path}/ ({args.method}, {spec.cpu}): C sources, Makefile (make -C {path} run)")
+        return 0
     path = compile_fn(args, spec, source, variants[args.method], args.batch)
     print(f"wrote {path} ({args.method}, batch {args.batch}, {spec.cpu}) and {path.with_suffix('.plan.json')}")
     return 0
