@@ -45,6 +45,44 @@ def test_paper_schedules():
     assert len(recipe_names()) == 15
 
 
+def test_node_schedules_follow_the_released_scripts():
+    """Released: node stages decay ×0.1 after 30 of 60 epochs; LeNet-300-100 retrains at lr 0.1
+    (×0.1 every 20 epochs) with the released batch of 128 (at 64 that lr diverges)."""
+    for name in ("lenet-300-100/gpu", "lenet-5/gpu", "convnet/gpu", "lenet-300-100/cpu"):
+        node = [s for s in get_recipe(name).stages if s.kind is StageKind.NODE]
+        assert {(s.epochs, s.optim.lr_step, s.optim.lr_gamma) for s in node} == {(60, 30, 0.1)}, name
+    gpu = get_recipe("lenet-300-100/gpu")
+    (retrain,) = [s for s in gpu.stages if s.kind is StageKind.RETRAIN]
+    assert (retrain.epochs, retrain.optim.lr, retrain.optim.lr_step) == (60, 0.1, 20)
+    assert gpu.stage_batch_size(retrain) == 128
+    assert [gpu.stage_batch_size(s) for s in gpu.stages if s.kind is not StageKind.RETRAIN] == [64] * 4
+    (conv_retrain,) = [s for s in get_recipe("convnet/gpu").stages if s.kind is StageKind.RETRAIN]
+    assert (conv_retrain.epochs, conv_retrain.optim.lr, conv_retrain.optim.lr_step) == (40, 0.1, 10)
+    with pytest.raises(TrainingError, match="batch_size"):
+        Stage(StageKind.RETRAIN, 1, Optim(lr=0.1), batch_size=0)
+    # CPU: groups cut in the node-pruned net go on to 0.10; the MCU (unpruned) schedule is the released one
+    assert _values(get_recipe("lenet-300-100/cpu"), StageKind.GROUP) == [0.04, 0.06, 0.08, 0.09, 0.10]
+    assert _values(get_recipe("lenet-5/cpu"), StageKind.GROUP) == _values(get_recipe("lenet-5/mcu"), StageKind.GROUP)
+
+
+def test_loop_trains_each_stage_at_its_batch_size(monkeypatch):
+    from tvm_scalpel.training import loop
+    seen = []
+    real = loop.train_epoch
+
+    def spy(model, optimizer, data, batch_size, *args, **kw):
+        seen.append(batch_size)
+        return real(model, optimizer, data, batch_size, *args, **kw)
+
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    r = _tiny_recipe()
+    stages = tuple(replace(s, batch_size=16) if s.kind is StageKind.RETRAIN else s for s in r.stages)
+    r = replace(r, stages=stages)
+    run_recipe(r, data=(_synthetic(256, 0), _synthetic(64, 1)))
+    expected = [16 if s.kind is StageKind.RETRAIN else 32 for s in r.stages for _ in range(s.epochs)]
+    assert seen == expected and 16 in seen
+
+
 def test_quick_recipe_is_short_and_keeps_the_order():
     q = get_recipe("lenet-5/cpu/quick")
     assert q.total_epochs == 5 and q.data.train_subset == 12000

@@ -209,7 +209,7 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
         for epoch in range(e0, stage.epochs):
             te = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
-            loss, acc = train_epoch(net, opt, train, recipe.batch_size, gen, pruner)
+            loss, acc = train_epoch(net, opt, train, recipe.stage_batch_size(stage), gen, pruner)
             if sched is not None:
                 sched.step()
             _, test_acc = evaluate(net, test)
