@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ from tvm_scalpel import bench, micro  # noqa: E402
 from tvm_scalpel.micro import Method  # noqa: E402
 from tvm_scalpel.models import build_model  # noqa: E402
 from tvm_scalpel.training import run_recipe  # noqa: E402
-from tvm_scalpel.training.loop import load_data  # noqa: E402
+from tvm_scalpel.training.loop import load_data, recipe_fingerprint  # noqa: E402
+from tvm_scalpel.training.recipes import Recipe  # noqa: E402
 from train_recipes import resolve  # noqa: E402  (same folder)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,16 +51,34 @@ CALIBRATION = 512
 logger = logging.getLogger("micro")
 
 
-def _trained(name: str, quick: bool, train: bool):
-    """The recipe as benchmarks/train_recipes.py runs it, so its checkpoints are reused."""
+@dataclass
+class Trained:
+    recipe: str
+    model: torch.nn.Module
+    dense_accuracy: float | None
+    fingerprint: str
+
+
+def _trained(name: str, quick: bool, train: bool) -> tuple[Recipe, Trained]:
+    """The recipe as benchmarks/train_recipes.py runs it, so its checkpoints are reused. A finished run is
+    loaded from its final weights even if the recipe definition changed since (its fingerprint is kept
+    in the results); an unfinished one is trained or resumed."""
     recipe = resolve(name, quick)
     name = name + ("/quick" if quick else "")
     # Quick runs keep their own checkpoints: train_recipes.py --quick may have run other quick settings.
     ckpt = (RESULTS / "tmp" / "micro" / "training" if quick else CHECKPOINTS) / name.replace("/", "__")
-    if not train and not (ckpt / "final_state_dict.pt").is_file():
-        raise SystemExit(f"{name}: not trained yet ({ckpt}); run without --no-train or "
-                         f"python benchmarks/train_recipes.py --recipes {name.removesuffix('/quick')}")
-    return recipe, run_recipe(recipe, checkpoint_dir=ckpt)
+    final = ckpt / "final_state_dict.pt"
+    if not final.is_file():
+        if not train:
+            raise SystemExit(f"{name}: not trained yet ({ckpt}); run without --no-train or "
+                             f"python benchmarks/train_recipes.py --recipes {name.removesuffix('/quick')}")
+        run_recipe(recipe, checkpoint_dir=ckpt)
+    ck = torch.load(ckpt / "checkpoint.pt", weights_only=False)
+    if ck["fingerprint"] != recipe_fingerprint(recipe):
+        logger.warning("%s: trained under another revision of the recipe definition (%s)", name, ck["fingerprint"])
+    model = build_model(recipe.model)
+    model.load_state_dict(torch.load(final, weights_only=True))
+    return recipe, Trained(ck["recipe"], model.eval(), ck["dense_accuracy"], ck["fingerprint"])
 
 
 def _relax(model: torch.nn.Module, x: torch.Tensor):
@@ -106,6 +126,7 @@ def run_model(model_name: str, quick: bool, train: bool, images: int, out: Path)
         row = _measure(project, labels, xs, repeat=2 if variant == "scalpel" else 1)
         row["accuracy_fp32"] = _accuracy_fp32(model, x_test, labels)
         row["recipe"] = None if result is None else result.recipe
+        row["recipe_fingerprint"] = None if result is None else result.fingerprint
         rows[variant] = row
         logger.info("%s %s: %d instructions, flash %d B, RAM %d B, int16 %.2f %% (fp32 %.2f %%)", model_name,
                     variant, row["instructions"], row["flash_bytes"], row["ram_bytes"],

@@ -49,6 +49,12 @@ def _mul(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.Cast("int32", a) * T.Cast("int32", b)
 
 
+def _group_unroll(pixels: int) -> int:
+    """Sparse loops unroll by UNROLL one pixel at a time; a block of pixels already amortises the loop,
+    and unrolling it too spills the pixels' accumulators and row pointers (13 usable registers)."""
+    return UNROLL if pixels == 1 else 1
+
+
 def _pixel_blocks(P: int) -> tuple[int, int]:
     """(pixels per block, blocks): a conv runs PIXEL_BLOCK pixels per pass over a weight row, so every
     weight (and index) loaded serves several MACs; the last P % PIXEL_BLOCK pixels run one at a time."""
@@ -105,11 +111,11 @@ def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool) -> tirx.PrimF
         for u in T.unroll(n):
             acc[u] = b[o]
         gi[0] = rows[o]
-        while gi[0] + UNROLL <= rows[o + 1]:
-            for g1 in T.unroll(UNROLL):
+        while gi[0] + _group_unroll(n) <= rows[o + 1]:
+            for g1 in T.unroll(_group_unroll(n)):
                 for u in T.unroll(n):
                     acc[u] = _smlad(vals[gi[0] + g1], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0] + g1])], acc[u])
-            gi[0] = gi[0] + UNROLL
+            gi[0] = gi[0] + _group_unroll(n)
         while gi[0] < rows[o + 1]:
             for u in T.unroll(n):
                 acc[u] = _smlad(vals[gi[0]], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0]])], acc[u])
@@ -149,11 +155,11 @@ def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool) -> tirx.PrimF
         for u in T.unroll(n):
             acc[u] = b[o]
         gi[0] = rows[o]
-        while gi[0] + UNROLL <= rows[o + 1]:
-            for j1 in T.unroll(UNROLL):
+        while gi[0] + _group_unroll(n) <= rows[o + 1]:
+            for j1 in T.unroll(_group_unroll(n)):
                 for u in T.unroll(n):
                     acc[u] = acc[u] + _mul(vals[gi[0] + j1], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0] + j1])])
-            gi[0] = gi[0] + UNROLL
+            gi[0] = gi[0] + _group_unroll(n)
         while gi[0] < rows[o + 1]:
             for u in T.unroll(n):
                 acc[u] = acc[u] + _mul(vals[gi[0]], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0]])])
