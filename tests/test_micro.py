@@ -113,13 +113,15 @@ def test_calibration_shape_is_checked(small):
 
 
 def test_generated_c_is_plain_and_uses_smlad_only_where_pairs_survive():
-    src = codegen.to_c({"d": kernels.dense(4, 5, 1, 7, True), "g": kernels.group(4, 5, 9, 1, 7, False),
+    unrolled = kernels.KernelConfig(unroll=4)
+    src = codegen.to_c({"d": kernels.dense(4, 5, 1, 7, True, unrolled), "g": kernels.group(4, 5, 9, 1, 7, False),
                         "c": kernels.csr(4, 10, 13, 1, 7, False)})
     assert "tvm/" not in src and "__tvm_ffi" not in src and "TVMBackend" not in src
     bodies = dict(re.findall(r"void (\w)\(.*?\) \{(.*?)\n\}", src, re.S))
     assert bodies["d"].count("__smlad") == 4 + 1  # unrolled by 4, one tail word
     assert "__smlad" in bodies["g"] and "cp[" in bodies["g"]  # one index per pair
     assert "__smlad" not in bodies["c"]  # an index per weight breaks the pairs
+    assert "__usat(" in bodies["d"] and "__ssat(" in bodies["g"]  # ReLU fused as the lower bound
 
 
 def test_errors_for_non_mcu_targets(small, tmp_path):
@@ -145,6 +147,10 @@ def test_board_matches_numpy_bit_exactly_for_every_kernel(small, tmp_path):
     np.testing.assert_array_equal(outs[Method.DENSE], outs[Method.GROUP])
     np.testing.assert_array_equal(outs[Method.DENSE], outs[Method.CSR])
     assert mod.script(show_meta=True) == before  # the user's module is untouched
+    # Code-shape knobs change instructions, never results.
+    other = micro.build(mod, "cortex-m4", tmp_path / "minmax", x.numpy(), methods=Method.GROUP, inputs=x.numpy()[:4],
+                        config=micro.KernelConfig(unroll=4, saturate="minmax"))
+    np.testing.assert_array_equal(micro.build_and_run(other).outputs, outs[Method.GROUP])
 
 
 @needs_toolchain

@@ -15,11 +15,12 @@ from ..errors import PlanError, TargetError
 from ..passes.fold_node_masks import FoldConfig, FoldNodeMasks
 from ..target import HardwareClass, TargetLike, hardware_spec
 from .graph import Graph, read_graph
+from .kernels import GRID, KernelConfig
 from .project import BOARDS, Board, Method, Project, generate
 from .quantize import QuantizedModel, forward_float, quantize
 from .runner import RunResult, ToolchainMissing, build_and_run, check_toolchain, missing_tools
 
-__all__ = ["BOARDS", "Board", "Graph", "Method", "Project", "QuantizedModel", "RunResult", "ToolchainMissing",
+__all__ = ["BOARDS", "GRID", "Board", "Graph", "KernelConfig", "Method", "Project", "QuantizedModel", "RunResult", "ToolchainMissing",
            "board_for", "build", "build_and_run", "methods_from_plan", "check_toolchain", "forward_float", "missing_tools",
            "quantize", "read_graph"]
 
@@ -62,14 +63,15 @@ def methods_from_plan(graph: Graph, plan) -> dict[str, Method]:
 
 def build(mod: tvm.IRModule, target: TargetLike, out_dir: str | Path, calibration: np.ndarray,
           methods: Mapping[str, Method | str] | Method | str | None = None, inputs: np.ndarray | None = None,
-          round_to: int = 1, plan=None) -> Project:
+          round_to: int = 1, plan=None, config: KernelConfig = KernelConfig()) -> Project:
     """Quantise a (pruned) Relax model to int16 and write its microcontroller project to ``out_dir``.
 
     ``calibration``: float inputs [N, *input shape] that choose the fixed-point scales. ``methods``:
     the kernel of every weighted layer (``group``: Scalpel's SIMD-aware format; ``dense``; ``csr``:
     traditional pruning), one for all or per layer key; default: from ``plan`` (a ``CompilePlan``, see
     ``methods_from_plan``), else group-sparse everywhere. ``inputs``: float inputs compiled into the QEMU
-    harness (default: the first calibration input). Dead nodes are folded first, so a node-pruned
+    harness (default: the first calibration input). ``config``: code-shape knobs (``KernelConfig``).
+    Dead nodes are folded first, so a node-pruned
     model gets physically smaller layers. The input module is not modified.
     """
     board = board_for(target)
@@ -82,4 +84,4 @@ def build(mod: tvm.IRModule, target: TargetLike, out_dir: str | Path, calibratio
     xq = np.stack([model.quantize_input(x) for x in xs])
     if isinstance(methods, str):
         methods = Method(methods)
-    return generate(model, board, methods, Path(out_dir), xq)
+    return generate(model, board, methods, Path(out_dir), xq, config)

@@ -15,16 +15,35 @@ Outputs are written [O, P] (channel-major, i.e. CHW for a conv).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.script import tirx as T
 
 from ..errors import KernelError
 
 I16_MIN, I16_MAX = -32768, 32767
-# Inner loops are unrolled explicitly (gcc -O2 does not), by the same factor in every kernel: the loop
-# overhead is shared fairly between dense, group-sparse and CSR.
-UNROLL = 4
-PIXEL_BLOCK = 4
+PIXEL_BLOCK = 4  # conv: pixels per pass over a weight row (4 was best for dense and sparse; 2 and 8 lose)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Code-shape knobs. gcc's unrolling and register allocation swing instruction counts by up to 25 %
+    (LeNet-300-100 dense: 387k-486k over these settings), so benchmarks build every variant under a
+    small grid and keep each variant's best; see benchmarks/micro.py.
+
+    ``unroll``: explicit unrolling of the reduction loop (1: leave it to gcc's -funroll-loops);
+    ``saturate``: 'acle' (one USAT/SSAT) or 'minmax' (compare-and-select)."""
+
+    unroll: int = 1
+    saturate: str = "acle"
+
+    def __post_init__(self) -> None:
+        if self.unroll < 1 or self.saturate not in ("acle", "minmax"):
+            raise KernelError(f"KernelConfig: expected unroll >= 1 and saturate 'acle' or 'minmax', found {self}")
+
+
+GRID = tuple(KernelConfig(u, s) for u in (1, 4, 8) for s in ("acle", "minmax"))
 
 
 def _check(**dims: int) -> None:
@@ -33,11 +52,15 @@ def _check(**dims: int) -> None:
             raise KernelError(f"{name}: expected a non-negative int, found {value!r}")
 
 
-def _requant(acc: tirx.PrimExpr, shift: int, relu: bool) -> tirx.PrimExpr:
+def _requant(acc: tirx.PrimExpr, shift: int, relu: bool, cfg: KernelConfig) -> tirx.PrimExpr:
     """int32 accumulator → int16 with round-half-up shift and saturation (ReLU as the lower bound)."""
     if shift < 0:
         raise KernelError(f"requantisation shift: expected >= 0, found {shift}")
     v = (acc + (1 << (shift - 1))) >> shift if shift > 0 else acc
+    # ACLE saturation: one USAT/SSAT (the shift folds into it) instead of compare-and-select pairs.
+    if cfg.saturate == "acle":  # one USAT/SSAT; the shift folds into it
+        sat = T.call_extern("int32", "__usat", v, 15) if relu else T.call_extern("int32", "__ssat", v, 16)
+        return T.Cast("int16", sat)
     return T.Cast("int16", T.max(T.min(v, I16_MAX), 0 if relu else I16_MIN))
 
 
@@ -49,10 +72,10 @@ def _mul(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.Cast("int32", a) * T.Cast("int32", b)
 
 
-def _group_unroll(pixels: int) -> int:
-    """Sparse loops unroll by UNROLL one pixel at a time; a block of pixels already amortises the loop,
-    and unrolling it too spills the pixels' accumulators and row pointers (13 usable registers)."""
-    return UNROLL if pixels == 1 else 1
+def _sparse_unroll(pixels: int, cfg: KernelConfig) -> int:
+    """Sparse loops unroll one pixel at a time only: a block of pixels already amortises the loop, and
+    unrolling it too spills the block's accumulators and row pointers (13 usable registers)."""
+    return cfg.unroll if pixels == 1 else 1
 
 
 def _pixel_blocks(P: int) -> tuple[int, int]:
@@ -62,25 +85,26 @@ def _pixel_blocks(P: int) -> tuple[int, int]:
     return pb, P // pb
 
 
-def dense(O: int, K2: int, P: int, shift: int, relu: bool) -> tirx.PrimFunc:
+def dense(O: int, K2: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
     """y[o, p] = requant(b[o] + Σ_k W[o, k]·x[p, k]); W and x as int32 words of int16 pairs (K2 words)."""
     _check(O=O, K2=K2, P=P)
-    main, tail = K2 // UNROLL * UNROLL, K2 % UNROLL
+    unroll = cfg.unroll
+    main, tail = K2 // unroll * unroll, K2 % unroll
     pb, blocks = _pixel_blocks(P)
 
     @T.macro
     def row(W, x, b, y, acc, o, p0, n: int):
         for u in T.unroll(n):
             acc[u] = b[o]
-        for k0 in range(main // UNROLL):
-            for k1 in T.unroll(UNROLL):
+        for k0 in range(main // unroll):
+            for k1 in T.unroll(unroll):
                 for u in T.unroll(n):
-                    acc[u] = _smlad(W[o * K2 + k0 * UNROLL + k1], x[(p0 + u) * K2 + k0 * UNROLL + k1], acc[u])
+                    acc[u] = _smlad(W[o * K2 + k0 * unroll + k1], x[(p0 + u) * K2 + k0 * unroll + k1], acc[u])
         for k in T.unroll(tail):
             for u in T.unroll(n):
                 acc[u] = _smlad(W[o * K2 + main + k], x[(p0 + u) * K2 + main + k], acc[u])
         for u in T.unroll(n):
-            y[o * P + p0 + u] = _requant(acc[u], shift, relu)
+            y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
 
     @T.prim_func
     def f(Wp: T.handle("int32"), xp: T.handle("int32"), bp: T.handle("int32"), yp: T.handle("int16")):
@@ -100,7 +124,7 @@ def dense(O: int, K2: int, P: int, shift: int, relu: bool) -> tirx.PrimFunc:
     return f
 
 
-def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool) -> tirx.PrimFunc:
+def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
     """Group-sparse, w = 2: ``vals`` [G] words (two weights each), ``cols`` [G] the word index of each
     group in its row, ``rows`` [O + 1] row pointers. One SMLAD and one index per group."""
     _check(O=O, K2=K2, G=G, P=P)
@@ -111,17 +135,17 @@ def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool) -> tirx.PrimF
         for u in T.unroll(n):
             acc[u] = b[o]
         gi[0] = rows[o]
-        while gi[0] + _group_unroll(n) <= rows[o + 1]:
-            for g1 in T.unroll(_group_unroll(n)):
+        while gi[0] + _sparse_unroll(n, cfg) <= rows[o + 1]:
+            for g1 in T.unroll(_sparse_unroll(n, cfg)):
                 for u in T.unroll(n):
                     acc[u] = _smlad(vals[gi[0] + g1], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0] + g1])], acc[u])
-            gi[0] = gi[0] + _group_unroll(n)
+            gi[0] = gi[0] + _sparse_unroll(n, cfg)
         while gi[0] < rows[o + 1]:
             for u in T.unroll(n):
                 acc[u] = _smlad(vals[gi[0]], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0]])], acc[u])
             gi[0] = gi[0] + 1
         for u in T.unroll(n):
-            y[o * P + p0 + u] = _requant(acc[u], shift, relu)
+            y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
 
     @T.prim_func
     def f(vp: T.handle("int32"), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle("int32"),
@@ -145,7 +169,7 @@ def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool) -> tirx.PrimF
     return f
 
 
-def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool) -> tirx.PrimFunc:
+def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
     """CSR: ``vals`` [NNZ] int16, ``cols`` [NNZ] element index, ``rows`` [O + 1]; one MLA per weight."""
     _check(O=O, Kp=Kp, NNZ=NNZ, P=P)
     pb, blocks = _pixel_blocks(P)
@@ -155,17 +179,17 @@ def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool) -> tirx.PrimF
         for u in T.unroll(n):
             acc[u] = b[o]
         gi[0] = rows[o]
-        while gi[0] + _group_unroll(n) <= rows[o + 1]:
-            for j1 in T.unroll(_group_unroll(n)):
+        while gi[0] + _sparse_unroll(n, cfg) <= rows[o + 1]:
+            for j1 in T.unroll(_sparse_unroll(n, cfg)):
                 for u in T.unroll(n):
                     acc[u] = acc[u] + _mul(vals[gi[0] + j1], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0] + j1])])
-            gi[0] = gi[0] + _group_unroll(n)
+            gi[0] = gi[0] + _sparse_unroll(n, cfg)
         while gi[0] < rows[o + 1]:
             for u in T.unroll(n):
                 acc[u] = acc[u] + _mul(vals[gi[0]], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0]])])
             gi[0] = gi[0] + 1
         for u in T.unroll(n):
-            y[o * P + p0 + u] = _requant(acc[u], shift, relu)
+            y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
 
     @T.prim_func
     def f(vp: T.handle("int16"), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle("int16"),

@@ -78,7 +78,8 @@ def _pairs(weight_q: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight_q, dtype="<i2").view("<i4")
 
 
-def _weighted(e: _Emitter, i: int, q: QLayer, method: Method, src: str, dst: str, scratch: str) -> None:
+def _weighted(e: _Emitter, i: int, q: QLayer, method: Method, src: str, dst: str, scratch: str,
+              cfg: kernels.KernelConfig) -> None:
     layer = q.layer
     O, Kp = q.weight.shape
     P = 1
@@ -94,13 +95,13 @@ def _weighted(e: _Emitter, i: int, q: QLayer, method: Method, src: str, dst: str
     bias = e.array(f"l{i}_bias", q.bias, "int32")
     name = f"l{i}_{method.value}"
     if method is Method.DENSE:
-        e.kernels[name] = kernels.dense(O, Kp // 2, P, q.shift, q.relu)
+        e.kernels[name] = kernels.dense(O, Kp // 2, P, q.shift, q.relu, cfg)
         wts = e.array(f"l{i}_w", _pairs(q.weight), "int32")
         e.calls.append(f"{name}((int32_t*){wts}, (int32_t*){x}, (int32_t*){bias}, (int16_t*){dst});")
         sizes = formats.SizeReport(values=q.weight.size * 2, indices=0, row_pointers=0)
     elif method is Method.GROUP:
         g = formats.encode(q.weight, 2)
-        e.kernels[name] = kernels.group(O, Kp // 2, g.n_groups, P, q.shift, q.relu)
+        e.kernels[name] = kernels.group(O, Kp // 2, g.n_groups, P, q.shift, q.relu, cfg)
         v = e.array(f"l{i}_vals", _pairs(g.values), "int32")
         c_ = e.array(f"l{i}_cols", g.col_idx, "uint16")
         r = e.array(f"l{i}_rows", g.row_ptr, "int32")
@@ -110,7 +111,7 @@ def _weighted(e: _Emitter, i: int, q: QLayer, method: Method, src: str, dst: str
         sizes = formats.SizeReport(sizes.values, sizes.indices, (O + 1) * 4)
     else:
         m = formats.encode_csr(q.weight)
-        e.kernels[name] = kernels.csr(O, Kp, m.nnz, P, q.shift, q.relu)
+        e.kernels[name] = kernels.csr(O, Kp, m.nnz, P, q.shift, q.relu, cfg)
         v = e.array(f"l{i}_vals", m.values, "int16")
         c_ = e.array(f"l{i}_cols", m.col_idx, "uint16")
         r = e.array(f"l{i}_rows", m.row_ptr, "int32")
@@ -133,6 +134,7 @@ class Project:
     weight_bytes: Mapping[str, Mapping[str, int]]
     activation_bytes: int
     inputs: np.ndarray  # int16 [N, *in_shape] compiled into main.c
+    config: kernels.KernelConfig = kernels.KernelConfig()
 
     @property
     def elf(self) -> Path:
@@ -144,7 +146,7 @@ def _numel(shape) -> int:
 
 
 def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] | Method, out_dir: Path,
-             inputs: np.ndarray) -> Project:
+             inputs: np.ndarray, cfg: kernels.KernelConfig = kernels.KernelConfig()) -> Project:
     """Write the project for ``model``; ``methods`` per layer key (or one for all weighted layers)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +170,7 @@ def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] 
             arenas[a] = max(arenas[a], _numel(layer.out_shape))
         if isinstance(layer, (Linear, Conv)):
             method = methods if isinstance(methods, Method) else Method(methods.get(layer.key, Method.GROUP))
-            _weighted(e, i, q, method, src, dst, "scratch")
+            _weighted(e, i, q, method, src, dst, "scratch", cfg)
             used.append(method.value)
         elif isinstance(layer, (MaxPool, AvgPool)):
             c, h, w = layer.in_shape
@@ -195,10 +197,10 @@ def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] 
     (out_dir / "startup.c").write_text(STARTUP_C)
     (out_dir / "Makefile").write_text(_makefile(board))
     (out_dir / "README.md").write_text(README.format(board=board.name, machine=board.machine))
-    meta = {"board": board.name, "layers": used, "frac_in": model.frac_in, "frac_out": model.frac_out,
+    meta = {"board": board.name, "layers": used, "kernel_config": vars(cfg), "frac_in": model.frac_in, "frac_out": model.frac_out,
             "weight_bytes": e.weight_bytes, "activation_bytes": 4 * sum(words)}
     (out_dir / "project.json").write_text(json.dumps(meta, indent=1))
-    return Project(out_dir, board, model, tuple(used), e.weight_bytes, 4 * sum(words), inputs)
+    return Project(out_dir, board, model, tuple(used), e.weight_bytes, 4 * sum(words), inputs, cfg)
 
 
 def _model_h(model: QuantizedModel, n_out: int) -> str:
