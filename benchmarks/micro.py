@@ -3,6 +3,7 @@
     python benchmarks/micro.py                         # LeNet-300-100 and LeNet-5, full recipes (trains if needed)
     python benchmarks/micro.py --quick                 # the quick recipes (minutes)
     python benchmarks/micro.py --models lenet-300-100 --no-train
+    python benchmarks/micro.py --models lenet-300-100 lenet-5 convnet --quick-models lenet-5 convnet
 
 Per model, three int16 builds by the same flow (tvm_scalpel.micro: TVM-generated C, arm-none-eabi-gcc
 -O2 -funroll-loops, the same driver):
@@ -188,7 +189,9 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet-5"])
-    ap.add_argument("--quick", action="store_true", help="the quick recipes")
+    ap.add_argument("--quick", action="store_true", help="the quick recipes for every model")
+    ap.add_argument("--quick-models", nargs="*", default=[], help="models that use their quick recipes (full ones "
+                    "not trained yet); their rows say (quick)")
     ap.add_argument("--no-train", action="store_true", help="fail instead of training a missing recipe")
     ap.add_argument("--images", type=int, default=4, help="test images run on the board")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results, "
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     micro.check_toolchain()
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     build_dir = RESULTS / "tmp" / "micro"
-    results = [run_model(m, args.quick, not args.no_train, args.images, build_dir) for m in args.models]
+    results = [run_model(m, args.quick or m in args.quick_models, not args.no_train, args.images, build_dir)
+               for m in args.models]
     out.mkdir(parents=True, exist_ok=True)
     bench.write_json(out / "micro.json", {"provenance": bench.provenance({"kind": "cortex-m4", "machine": "mps2-an386"}),
                                           "results": results})
