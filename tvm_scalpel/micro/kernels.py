@@ -124,10 +124,10 @@ def dense(O: int, K2: int, P: int, shift: int, relu: bool, cfg: KernelConfig = K
     return f
 
 
-def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
-    """Group-sparse, w = 2: ``vals`` [G] words (two weights each), ``cols`` [G] the word index of each
-    group in its row, ``rows`` [O + 1] row pointers. One SMLAD and one index per group."""
-    _check(O=O, K2=K2, G=G, P=P)
+def _sparse(O: int, K: int, N: int, P: int, shift: int, relu: bool, cfg: KernelConfig, dtype: str,
+            mac) -> tirx.PrimFunc:
+    """A row-compressed kernel: ``vals`` [N] of ``dtype``, ``cols`` [N] uint16 positions in a row of K
+    ``dtype`` elements, ``rows`` [O + 1] row pointers; ``mac(acc, value, x)`` is one multiply-accumulate."""
     pb, blocks = _pixel_blocks(P)
 
     @T.macro
@@ -136,25 +136,25 @@ def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool, cfg: KernelCo
             acc[u] = b[o]
         gi[0] = rows[o]
         while gi[0] + _sparse_unroll(n, cfg) <= rows[o + 1]:
-            for g1 in T.unroll(_sparse_unroll(n, cfg)):
+            for j in T.unroll(_sparse_unroll(n, cfg)):
                 for u in T.unroll(n):
-                    acc[u] = _smlad(vals[gi[0] + g1], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0] + g1])], acc[u])
+                    acc[u] = mac(acc[u], vals[gi[0] + j], x[(p0 + u) * K + T.Cast("int32", cols[gi[0] + j])])
             gi[0] = gi[0] + _sparse_unroll(n, cfg)
         while gi[0] < rows[o + 1]:
             for u in T.unroll(n):
-                acc[u] = _smlad(vals[gi[0]], x[(p0 + u) * K2 + T.Cast("int32", cols[gi[0]])], acc[u])
+                acc[u] = mac(acc[u], vals[gi[0]], x[(p0 + u) * K + T.Cast("int32", cols[gi[0]])])
             gi[0] = gi[0] + 1
         for u in T.unroll(n):
             y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
 
     @T.prim_func
-    def f(vp: T.handle("int32"), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle("int32"),
+    def f(vp: T.handle(dtype), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle(dtype),
           bp: T.handle("int32"), yp: T.handle("int16")):
         T.func_attr({"tir.noalias": True})
-        vals = T.decl_buffer((max(G, 1),), "int32", data=vp)
-        cols = T.decl_buffer((max(G, 1),), "uint16", data=cp)
+        vals = T.decl_buffer((max(N, 1),), dtype, data=vp)
+        cols = T.decl_buffer((max(N, 1),), "uint16", data=cp)
         rows = T.decl_buffer((O + 1,), "int32", data=rp)
-        x = T.decl_buffer((P * K2,), "int32", data=xp)
+        x = T.decl_buffer((P * K,), dtype, data=xp)
         b = T.decl_buffer((O,), "int32", data=bp)
         y = T.decl_buffer((O * P,), "int16", data=yp)
         acc = T.decl_buffer((pb,), "int32", scope="global")
@@ -167,50 +167,19 @@ def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool, cfg: KernelCo
                 row(vals, cols, rows, x, b, y, acc, gi, o, blocks * pb + p, 1)
 
     return f
+
+
+def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
+    """Group-sparse, w = 2: ``vals`` [G] words (two weights each), ``cols`` [G] the word index of each
+    group in its row, ``rows`` [O + 1] row pointers. One SMLAD and one index per group."""
+    _check(O=O, K2=K2, G=G, P=P)
+    return _sparse(O, K2, G, P, shift, relu, cfg, "int32", lambda acc, v, x: _smlad(v, x, acc))
 
 
 def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
     """CSR: ``vals`` [NNZ] int16, ``cols`` [NNZ] element index, ``rows`` [O + 1]; one MLA per weight."""
     _check(O=O, Kp=Kp, NNZ=NNZ, P=P)
-    pb, blocks = _pixel_blocks(P)
-
-    @T.macro
-    def row(vals, cols, rows, x, b, y, acc, gi, o, p0, n: int):
-        for u in T.unroll(n):
-            acc[u] = b[o]
-        gi[0] = rows[o]
-        while gi[0] + _sparse_unroll(n, cfg) <= rows[o + 1]:
-            for j1 in T.unroll(_sparse_unroll(n, cfg)):
-                for u in T.unroll(n):
-                    acc[u] = acc[u] + _mul(vals[gi[0] + j1], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0] + j1])])
-            gi[0] = gi[0] + _sparse_unroll(n, cfg)
-        while gi[0] < rows[o + 1]:
-            for u in T.unroll(n):
-                acc[u] = acc[u] + _mul(vals[gi[0]], x[(p0 + u) * Kp + T.Cast("int32", cols[gi[0]])])
-            gi[0] = gi[0] + 1
-        for u in T.unroll(n):
-            y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
-
-    @T.prim_func
-    def f(vp: T.handle("int16"), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle("int16"),
-          bp: T.handle("int32"), yp: T.handle("int16")):
-        T.func_attr({"tir.noalias": True})
-        vals = T.decl_buffer((max(NNZ, 1),), "int16", data=vp)
-        cols = T.decl_buffer((max(NNZ, 1),), "uint16", data=cp)
-        rows = T.decl_buffer((O + 1,), "int32", data=rp)
-        x = T.decl_buffer((P * Kp,), "int16", data=xp)
-        b = T.decl_buffer((O,), "int32", data=bp)
-        y = T.decl_buffer((O * P,), "int16", data=yp)
-        acc = T.decl_buffer((pb,), "int32", scope="global")
-        gi = T.decl_buffer((1,), "int32", scope="global")
-        for p in range(blocks):
-            for o in range(O):
-                row(vals, cols, rows, x, b, y, acc, gi, o, p * pb, pb)
-        for p in range(P - blocks * pb):
-            for o in range(O):
-                row(vals, cols, rows, x, b, y, acc, gi, o, blocks * pb + p, 1)
-
-    return f
+    return _sparse(O, Kp, NNZ, P, shift, relu, cfg, "int16", lambda acc, v, x: acc + _mul(v, x))
 
 
 def im2col(C: int, H: int, W: int, KH: int, KW: int, stride: int, pad: int, OH: int, OW: int,
