@@ -4,6 +4,7 @@
     python benchmarks/micro.py --quick                 # the quick recipes (minutes)
     python benchmarks/micro.py --models lenet-300-100 --no-train
     python benchmarks/micro.py --models lenet-300-100 lenet-5 convnet --quick-models lenet-5 convnet
+    python benchmarks/micro.py --models lenet-5 --quick --epochs 4 --subset 0 --group-stages 5   # shortened full
 
 Per model, three int16 builds by the same flow (tvm_scalpel.micro: TVM-generated C, arm-none-eabi-gcc
 -O2 -funroll-loops, the same driver):
@@ -17,12 +18,13 @@ runs the first test images on QEMU; outputs must equal the numpy int16 reference
 bit, and the Scalpel build runs twice to show the count is deterministic. Accuracy of the int16 models
 is the numpy reference on the whole test set (it is the board's arithmetic, checked above). The metric
 is instructions executed between cost_begin()/cost_end() (a QEMU TCG plugin), not cycles.
-Writes benchmarks/results/micro.{json,md}.
+Writes benchmarks/results/micro.{json,md}, replacing the measured models' entries and keeping the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -62,14 +64,28 @@ class Trained:
     fingerprint: str
 
 
-def _trained(name: str, quick: bool, train: bool) -> tuple[Recipe, Trained]:
+@dataclass(frozen=True)
+class QuickSettings:
+    """train_recipes.py's quick knobs: epochs per stage, training examples (0 = all), group stages."""
+
+    epochs: int = 1
+    subset: int = 12000
+    group_stages: int = 2
+
+    @property
+    def tag(self) -> str:
+        return f"e{self.epochs}-s{self.subset}-g{self.group_stages}"
+
+
+def _trained(name: str, quick: QuickSettings | None, train: bool) -> tuple[Recipe, Trained]:
     """The recipe as benchmarks/train_recipes.py runs it, so its checkpoints are reused. A finished run is
     loaded from its final weights even if the recipe definition changed since (its fingerprint is kept
     in the results); an unfinished one is trained or resumed."""
-    recipe = resolve(name, quick)
+    recipe = resolve(name, quick is not None, **(vars(quick) if quick else {}))
     name = name + ("/quick" if quick else "")
-    # Quick runs keep their own checkpoints: train_recipes.py --quick may have run other quick settings.
-    ckpt = (RESULTS / "tmp" / "micro" / "training" if quick else CHECKPOINTS) / name.replace("/", "__")
+    # Quick runs keep their own checkpoints, per setting: train_recipes.py --quick may have run others.
+    folder = RESULTS / "tmp" / "micro" / f"training-{quick.tag}" if quick else CHECKPOINTS
+    ckpt = folder / name.replace("/", "__")
     final = ckpt / "final_state_dict.pt"
     if not final.is_file():
         if not train:
@@ -123,7 +139,7 @@ def _measure(project: micro.Project, labels: np.ndarray, xs_test: np.ndarray, re
             "accuracy_int16": float((pred == labels).mean()), "layers": list(project.methods)}
 
 
-def run_model(model_name: str, quick: bool, train: bool, images: int, out: Path) -> dict:
+def run_model(model_name: str, quick: QuickSettings | None, train: bool, images: int, out: Path) -> dict:
     recipe, scalpel = _trained(f"{model_name}/mcu", quick, train)
     _, traditional = _trained(f"{model_name}/magnitude", quick, train)
     train_set, test_set = load_data(recipe)
@@ -158,7 +174,8 @@ def run_model(model_name: str, quick: bool, train: bool, images: int, out: Path)
                              "its accuracy is that of untrained weights, not reported")
     rows["dense"].pop("accuracy_int16")
     rows["dense"].pop("accuracy_fp32")
-    return {"model": model_name, "dataset": recipe.data.name, "quick": quick,
+    return {"model": model_name, "dataset": recipe.data.name, "quick": None if quick is None else vars(quick),
+            "recipes": {"scalpel": scalpel.recipe, "traditional": traditional.recipe},
             "dense_fp32_accuracy": scalpel.dense_accuracy, "board": "cortex-m4 (QEMU mps2-an386)",
             "variants": rows, "paper": {"scalpel_speedup": PAPER_MCU[model_name][0],
                                         "scalpel_size_percent": PAPER_MCU[model_name][1],
@@ -179,7 +196,8 @@ def markdown(results: list[dict]) -> str:
                      "traditional": f"mean {p['traditional_mean_speedup']}x"}.get(name, "")
             acc = (f"{100 * v['accuracy_int16']:.2f} %", f"{100 * v['accuracy_fp32']:.2f} %") \
                 if "accuracy_int16" in v else ("-", "-")
-            lines.append(f"| {r['model']}{' (quick)' if r['quick'] else ''} | {name} | {v['instructions']:,} | "
+            quick = f" (quick {r['quick']['epochs']} ep/stage)" if r["quick"] else ""
+            lines.append(f"| {r['model']}{quick} | {name} | {v['instructions']:,} | "
                          f"{v['speedup']:.2f}x | {v['size_percent']:.2f} % | {v['flash_bytes']:,} | "
                          f"{v['ram_bytes']:,} | {acc[0]} | {acc[1]} | {paper} |")
         lines.append(f"| | dense fp32 (training) | | | | | | | {100 * (r['dense_fp32_accuracy'] or 0):.2f} % | |")
@@ -192,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the quick recipes for every model")
     ap.add_argument("--quick-models", nargs="*", default=[], help="models that use their quick recipes (full ones "
                     "not trained yet); their rows say (quick)")
+    ap.add_argument("--epochs", type=int, default=1, help="quick recipes: epochs per stage")
+    ap.add_argument("--subset", type=int, default=12000, help="quick recipes: training examples (0 = all)")
+    ap.add_argument("--group-stages", type=int, default=2, help="quick recipes: pruning stages kept")
     ap.add_argument("--no-train", action="store_true", help="fail instead of training a missing recipe")
     ap.add_argument("--images", type=int, default=4, help="test images run on the board")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results, "
@@ -201,13 +222,24 @@ def main(argv: list[str] | None = None) -> int:
     micro.check_toolchain()
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     build_dir = RESULTS / "tmp" / "micro"
-    results = [run_model(m, args.quick or m in args.quick_models, not args.no_train, args.images, build_dir)
-               for m in args.models]
+    quick = QuickSettings(args.epochs, args.subset, args.group_stages)
+    results = [run_model(m, quick if args.quick or m in args.quick_models else None, not args.no_train, args.images,
+                         build_dir) for m in args.models]
     out.mkdir(parents=True, exist_ok=True)
-    bench.write_json(out / "micro.json", {"provenance": bench.provenance({"kind": "cortex-m4", "machine": "mps2-an386"}),
-                                          "results": results})
-    (out / "micro.md").write_text(markdown(results))
-    print(markdown(results))
+    # One file for every model: a run replaces its models' entries and keeps the others (each entry has
+    # its own provenance), so models trained on different schedules can be measured separately.
+    path = out / "micro.json"
+    previous = json.loads(path.read_text())["results"] if path.is_file() else []
+    prov = bench.provenance({"kind": "cortex-m4", "machine": "mps2-an386"})
+    for r in results:
+        r["provenance"] = prov
+    names = {r["model"] for r in results}
+    merged = [r for r in previous if r["model"] not in names] + results
+    order = {m: i for i, m in enumerate(PAPER_MCU)}
+    merged.sort(key=lambda r: order.get(r["model"], len(order)))
+    bench.write_json(path, {"results": merged})
+    (out / "micro.md").write_text(markdown(merged))
+    print(markdown(merged))
     return 0
 
 

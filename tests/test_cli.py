@@ -154,9 +154,10 @@ def test_report_rerenders_from_json(run_out, scalpel, tmp_path):
     assert (tmp_path / "report.md").is_file() and (tmp_path / "decisions.png").is_file()
 
 
-def test_mcu_compile_is_a_clear_target_error(scalpel, tmp_path):
+def test_mcu_compile_without_a_pruned_model_says_what_to_run(scalpel, tmp_path):
     rc, _, err = scalpel("compile", "lenet-300-100", "--target", "cortex-m4", "--out", tmp_path)
-    assert rc == 2 and "microcontroller" in err and "tvm_scalpel.micro" in err
+    assert rc == 2 and "lenet-300-100/mcu" in err
+    assert "scalpel prune lenet-300-100 --method scalpel --target cortex-m4" in err
 
 
 def test_bench_without_pruned_models_says_what_to_run(scalpel, tmp_path):

@@ -151,8 +151,10 @@ def _recipe_result(args, name: str, train: bool):
     ckpt = Path(args.out) / "checkpoints" / _slug(name)
     if not train and not (ckpt / "final_state_dict.pt").is_file():
         method = "traditional" if "/magnitude" in name else "scalpel"
+        target = "" if args.target == "host" else f" --target {args.target}"
         raise ScalpelError(f"{ckpt} has no finished recipe {name!r}; run `scalpel prune {args.model} --method "
-                           f"{method}{' --quick' if args.quick else ''} --out {args.out}` first (or `scalpel run`)")
+                           f"{method}{target}{' --quick' if args.quick else ''} --out {args.out}` first "
+                           "(or `scalpel run`)")
     if recipe.seed != args.seed:
         recipe = replace(recipe, seed=args.seed)
     logger.info("recipe %s (checkpoints %s)", name, ckpt)
