@@ -11,7 +11,8 @@ Per model, three int16 builds by the same flow (tvm_scalpel.micro: TVM-generated
 - dense:       the dense architecture, every weight, SMLAD on int16 pairs (the baseline);
 - traditional: the magnitude-pruned model (Han et al.), CSR: an index per weight, no SIMD;
 - Scalpel:     the SIMD-aware pruned model (MCU recipe, w = 2 from hardware_spec('cortex-m4')),
-               one index per kept pair, SMLAD.
+               one index per kept pair, SMLAD; per layer group-sparse or dense, whichever runs fewer
+               instructions when the layer is built alone and run on the board (micro.measure_layers).
 Each variant is built under every code-shape setting of micro.GRID (explicit unroll 1/4/8, USAT/SSAT or
 compare-and-select saturation) and keeps its fewest instructions; all counts are recorded. Every build
 runs the first test images on QEMU; outputs must equal the numpy int16 reference bit for
@@ -109,7 +110,7 @@ def _accuracy_fp32(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray) 
         return float((model.eval()(x).argmax(1).numpy() == labels).mean())
 
 
-def _best_build(mod, out: Path, calib: np.ndarray, method: Method, board: np.ndarray) -> tuple[micro.Project, dict]:
+def _best_build(mod, out: Path, calib: np.ndarray, method: Method | str, board: np.ndarray) -> tuple[micro.Project, dict]:
     """Build the variant under every KernelConfig of micro.GRID and keep the fewest instructions: gcc's
     code shape swings counts by up to 25 %, and every variant (the dense baseline too) gets its best."""
     counts, best = {}, None
@@ -152,12 +153,13 @@ def run_model(model_name: str, quick: QuickSettings | None, train: bool, images:
 
     rows = {}
     builds = {"dense": (dense_arch, Method.DENSE, None), "traditional": (traditional.model, Method.CSR, traditional),
-              "scalpel": (scalpel.model, Method.GROUP, scalpel)}
+              "scalpel": (scalpel.model, "measured", scalpel)}
     for variant, (model, method, result) in builds.items():
         project, grid = _best_build(_relax(model, x_test), out / f"{model_name}-{variant}", calib.numpy(), method,
                                     board)
         row = _measure(project, labels, xs, repeat=2 if variant == "scalpel" else 1)
         row["kernel_config"] = vars(project.config)
+        row["decisions"] = list(project.decisions)
         row["instructions_by_config"] = grid
         row["accuracy_fp32"] = _accuracy_fp32(model, x_test, labels)
         row["recipe"] = None if result is None else result.recipe

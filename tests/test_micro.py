@@ -222,3 +222,23 @@ def test_scalpel_compile_for_cortex_m4_writes_a_project_that_runs(monkeypatch, c
     assert counts["dense"] > 2 * counts["scalpel"]
     assert cli.main(["compile", *common, "--batch", "4"]) == 2  # a clear error, not a crash
     assert "expected --batch 1" in capsys.readouterr().err
+
+
+@needs_toolchain
+def test_measured_decisions_keep_dense_where_pairs_survive(tmp_path):
+    """'measured': a 95 %-zero-pair layer goes group-sparse, an unpruned one stays dense, and the whole
+    model then runs no more instructions than either uniform choice."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    _group_prune(net[0], 0.95)
+    x = torch.randn(8, 128)
+    mod = from_exported_program(torch.export.export(net, (x[:1],)))
+    runs = {}
+    for methods in ("measured", "group", "dense"):
+        project = micro.build(mod, "cortex-m4", tmp_path / methods, x.numpy(), methods=methods, inputs=x.numpy()[:1])
+        runs[methods] = (project, micro.build_and_run(project))
+    project, measured = runs["measured"]
+    assert project.methods == ("group", "dense")
+    assert "group" in project.decisions[0] and project.decisions[1].endswith("-> dense")
+    assert measured.instructions[0] <= min(runs[m][1].instructions[0] for m in ("group", "dense"))
+    np.testing.assert_array_equal(measured.outputs, runs["dense"][1].outputs)

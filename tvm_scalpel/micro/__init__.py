@@ -4,6 +4,7 @@ arm-none-eabi-gcc and QEMU with an instruction-count plugin. See ``build``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping
 
@@ -14,13 +15,14 @@ from .. import formats
 from ..errors import PlanError, TargetError
 from ..passes.fold_node_masks import FoldConfig, FoldNodeMasks
 from ..target import HardwareClass, TargetLike, hardware_spec
+from .decide import LayerChoice, measure_layers
 from .graph import Graph, read_graph
 from .kernels import GRID, KernelConfig
 from .project import BOARDS, Board, Method, Project, generate
 from .quantize import QuantizedModel, forward_float, quantize
 from .runner import RunResult, ToolchainMissing, build_and_run, check_toolchain, missing_tools
 
-__all__ = ["BOARDS", "GRID", "Board", "Graph", "KernelConfig", "Method", "Project", "QuantizedModel", "RunResult", "ToolchainMissing",
+__all__ = ["BOARDS", "GRID", "Board", "Graph", "KernelConfig", "LayerChoice", "measure_layers", "Method", "Project", "QuantizedModel", "RunResult", "ToolchainMissing",
            "board_for", "build", "build_and_run", "methods_from_plan", "check_toolchain", "forward_float", "missing_tools",
            "quantize", "read_graph"]
 
@@ -68,7 +70,8 @@ def build(mod: tvm.IRModule, target: TargetLike, out_dir: str | Path, calibratio
 
     ``calibration``: float inputs [N, *input shape] that choose the fixed-point scales. ``methods``:
     the kernel of every weighted layer (``group``: Scalpel's SIMD-aware format; ``dense``; ``csr``:
-    traditional pruning), one for all or per layer key; default: from ``plan`` (a ``CompilePlan``, see
+    traditional pruning), one for all or per layer key, or ``"measured"`` (each layer built alone both
+    ways and run on the board; see ``measure_layers``); default: from ``plan`` (a ``CompilePlan``, see
     ``methods_from_plan``), else group-sparse everywhere. ``inputs``: float inputs compiled into the QEMU
     harness (default: the first calibration input). ``config``: code-shape knobs (``KernelConfig``).
     Dead nodes are folded first, so a node-pruned
@@ -82,6 +85,10 @@ def build(mod: tvm.IRModule, target: TargetLike, out_dir: str | Path, calibratio
     model = quantize(graph, calibration)
     xs = np.asarray(calibration[:1] if inputs is None else inputs, np.float32)
     xq = np.stack([model.quantize_input(x) for x in xs])
+    if methods == "measured":  # per layer, the kernel with fewer instructions on the board
+        choices = measure_layers(model, board, config)
+        project = generate(model, board, {c.key: c.method for c in choices}, Path(out_dir), xq, config)
+        return dataclasses.replace(project, decisions=tuple(c.reason for c in choices))
     if isinstance(methods, str):
         methods = Method(methods)
     return generate(model, board, methods, Path(out_dir), xq, config)

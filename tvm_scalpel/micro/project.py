@@ -135,6 +135,7 @@ class Project:
     activation_bytes: int
     inputs: np.ndarray  # int16 [N, *in_shape] compiled into main.c
     config: kernels.KernelConfig = kernels.KernelConfig()
+    decisions: tuple[str, ...] = ()  # why each layer got its kernel, when they were measured
 
     @property
     def elf(self) -> Path:
