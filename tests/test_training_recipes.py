@@ -85,7 +85,7 @@ def test_loop_trains_each_stage_at_its_batch_size(monkeypatch):
 
 def test_quick_recipe_is_short_and_keeps_the_order():
     q = get_recipe("lenet-5/cpu/quick")
-    assert q.total_epochs == 5 and q.data.train_subset == 12000
+    assert q.total_epochs == 15 and q.data.train_subset == 12000
     assert [s.kind for s in q.stages] == [StageKind.DENSE, StageKind.NODE, StageKind.RETRAIN,
                                           StageKind.GROUP, StageKind.GROUP]
     assert [s.value for s in q.stages if s.kind is StageKind.GROUP] == [0.04, 0.05]

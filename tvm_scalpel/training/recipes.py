@@ -250,10 +250,12 @@ def paper_recipe(model: str, hardware: HardwareClass | str, target: TargetLike |
                   group_kinds=(LayerKind.LINEAR,), node=node)
 
 
-def quick(recipe: Recipe, *, epochs: int = 1, train_subset: int | None = 12000,
+def quick(recipe: Recipe, *, epochs: int = 3, train_subset: int | None = 12000,
           test_subset: int | None = 2000, max_group_stages: int = 2) -> Recipe:
     """A minutes-long version for demos and tests: few epochs, a data subset, the first group stages,
-    the last node stage at a higher lr. Accuracies and kept counts are not the paper's.
+    the last node stage at a higher lr. Accuracies and kept counts are not the paper's. Three epochs a
+    stage: at one, LeNet-300-100's CPU recipe fell to 85.9 % after its second group stage (0.06 at
+    w = 16); at three it ends at 94.4 % with 10 % size.
     """
     stages = []
     groups = [s for s in recipe.stages if s.kind in (StageKind.GROUP, StageKind.MAGNITUDE)]
