@@ -209,8 +209,10 @@ def im2col(C: int, H: int, W: int, KH: int, KW: int, stride: int, pad: int, OH: 
     return f
 
 
-def max_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu: bool) -> tirx.PrimFunc:
-    """Max over K×K windows, clipped to the image (Caffe/torch ceil mode), optional fused ReLU."""
+def _pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, acc_dtype: str, init, step,
+          finish) -> tirx.PrimFunc:
+    """K×K windows clipped to the image (Caffe/torch ceil mode): ``t = init``, ``t = step(t, x)`` over
+    the pixels inside, ``y = finish(t, count)`` with ``count`` the pixels inside."""
     _check(C=C, H=H, W=W, K=K, stride=stride, OH=OH, OW=OW)
 
     @T.prim_func
@@ -218,45 +220,32 @@ def max_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu
         T.func_attr({"tir.noalias": True})
         x = T.decl_buffer((C * H * W,), "int16", data=xp)
         y = T.decl_buffer((C * OH * OW,), "int16", data=yp)
-        m = T.decl_buffer((1,), "int16", scope="global")
+        t = T.decl_buffer((1,), acc_dtype, scope="global")
         for c in range(C):
             for oh in range(OH):
                 for ow in range(OW):
-                    m[0] = T.int16(0) if relu else T.int16(I16_MIN)
+                    t[0] = init
                     for kh in range(K):
                         for kw in range(K):
                             if oh * stride + kh < H and ow * stride + kw < W:
-                                m[0] = T.max(m[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
-                    y[(c * OH + oh) * OW + ow] = m[0]
+                                t[0] = step(t[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
+                    y[(c * OH + oh) * OW + ow] = finish(
+                        t[0], (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride))
 
     return f
+
+
+def max_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu: bool) -> tirx.PrimFunc:
+    """Max over the windows; a fused ReLU is the starting value 0."""
+    return _pool(C, H, W, K, stride, OH, OW, "int16", T.int16(0) if relu else T.int16(I16_MIN),
+                 lambda t, v: T.max(t, v), lambda t, count: t)
 
 
 def avg_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu: bool) -> tirx.PrimFunc:
-    """Mean over K×K windows clipped to the image (ceil mode), divided by the pixels inside, rounded
-    half up (floor division, so negative sums round like the numpy reference)."""
-    _check(C=C, H=H, W=W, K=K, stride=stride, OH=OH, OW=OW)
-
-    @T.prim_func
-    def f(xp: T.handle("int16"), yp: T.handle("int16")):
-        T.func_attr({"tir.noalias": True})
-        x = T.decl_buffer((C * H * W,), "int16", data=xp)
-        y = T.decl_buffer((C * OH * OW,), "int16", data=yp)
-        s = T.decl_buffer((1,), "int32", scope="global")
-        for c in range(C):
-            for oh in range(OH):
-                for ow in range(OW):
-                    s[0] = 0
-                    for kh in range(K):
-                        for kw in range(K):
-                            if oh * stride + kh < H and ow * stride + kw < W:
-                                s[0] = s[0] + T.Cast("int32", x[(c * H + oh * stride + kh) * W + ow * stride + kw])
-                    y[(c * OH + oh) * OW + ow] = T.Cast("int16", T.max(T.floordiv(
-                        2 * s[0] + (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride),
-                        2 * (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride)),
-                        0 if relu else I16_MIN))
-
-    return f
+    """Mean over the windows, divided by the pixels inside, rounded half up (floor division, so negative
+    sums round like the numpy reference)."""
+    return _pool(C, H, W, K, stride, OH, OW, "int32", T.int32(0), lambda t, v: t + T.Cast("int32", v),
+                 lambda t, n: T.Cast("int16", T.max(T.floordiv(2 * t + n, 2 * n), 0 if relu else I16_MIN)))
 
 
 def lrn(C: int, H: int, W: int, n: int, sq_shift: int, lut_shift: int, L: int) -> tirx.PrimFunc:
