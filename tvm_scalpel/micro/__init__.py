@@ -16,15 +16,15 @@ from ..errors import PlanError, TargetError
 from ..passes.fold_node_masks import FoldConfig, FoldNodeMasks
 from ..target import HardwareClass, TargetLike, hardware_spec
 from .decide import LayerChoice, measure_layers
-from .graph import Graph, read_graph
+from .graph import WEIGHTED, Graph, read_graph
 from .kernels import GRID, KernelConfig
 from .project import BOARDS, Board, Method, Project, generate
 from .quantize import QuantizedModel, forward_float, quantize
 from .runner import RunResult, ToolchainMissing, build_and_run, check_toolchain, missing_tools
 
-__all__ = ["BOARDS", "GRID", "Board", "Graph", "KernelConfig", "LayerChoice", "measure_layers", "Method", "Project", "QuantizedModel", "RunResult", "ToolchainMissing",
-           "board_for", "build", "build_and_run", "methods_from_plan", "check_toolchain", "forward_float", "missing_tools",
-           "quantize", "read_graph"]
+__all__ = ["BOARDS", "GRID", "Board", "Graph", "KernelConfig", "LayerChoice", "Method", "Project", "QuantizedModel",
+           "RunResult", "ToolchainMissing", "board_for", "build", "build_and_run", "check_toolchain", "forward_float",
+           "measure_layers", "methods_from_plan", "missing_tools", "quantize", "read_graph"]
 
 
 def board_for(target: TargetLike) -> Board:
@@ -45,15 +45,14 @@ def methods_from_plan(graph: Graph, plan) -> dict[str, Method]:
     """Per-layer kernels from a ``CompilePlan``: CSR for its ``csr_layers``; group-sparse where the
     layer's fraction of zero pairs reaches its threshold (default 0: SIMD-aware everywhere, Scalpel's
     MCU decision); dense above it. Keys that match no layer are a PlanError, as on the CPU."""
-    keys = {layer.key for layer in graph.layers if hasattr(layer, "weight")}
+    weighted = [layer for layer in graph.layers if isinstance(layer, WEIGHTED)]
+    keys = {layer.key for layer in weighted}
     unknown = sorted((set(plan.layer_thresholds) | set(plan.csr_layers)) - keys)
     if unknown:
         raise PlanError(f"microcontroller build: per-layer settings for {unknown} match no layer; the model has "
                         f"{sorted(keys)}")
     methods = {}
-    for layer in graph.layers:
-        if not hasattr(layer, "weight"):
-            continue
+    for layer in weighted:
         zero_pairs = 1.0 - float(formats.group_mask(layer.weight, 2).mean())
         if layer.key in plan.csr_layers:
             methods[layer.key] = Method.CSR
@@ -74,8 +73,8 @@ def build(mod: tvm.IRModule, target: TargetLike, out_dir: str | Path, calibratio
     ways and run on the board; see ``measure_layers``); default: from ``plan`` (a ``CompilePlan``, see
     ``methods_from_plan``), else group-sparse everywhere. ``inputs``: float inputs compiled into the QEMU
     harness (default: the first calibration input). ``config``: code-shape knobs (``KernelConfig``).
-    Dead nodes are folded first, so a node-pruned
-    model gets physically smaller layers. The input module is not modified.
+    Dead nodes are folded first, so a node-pruned model gets physically smaller layers. The input
+    module is not modified.
     """
     board = board_for(target)
     round_to = plan.round_to if plan is not None else round_to

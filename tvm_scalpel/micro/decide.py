@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import formats
 from .graph import Graph
 from .kernels import KernelConfig
 from .project import Board, Method, generate
@@ -48,7 +49,7 @@ def measure_layers(model: QuantizedModel, board: Board, config: KernelConfig = K
                 project = generate(one, board, method, Path(tmp) / f"l{i}-{method.value}", x, config)
                 counts[method.value] = build_and_run(project).instructions[0]
             best = min(candidates, key=lambda m: counts[m.value])
-            zero = 1.0 - np.count_nonzero(q.weight.reshape(q.weight.shape[0], -1, 2).any(2)) / (q.weight.size // 2)
+            zero = 1.0 - float(formats.group_mask(q.weight, 2).mean())
             detail = ", ".join(f"{m} {n:,}" for m, n in counts.items())
             choices.append(LayerChoice(q.layer.key, best, counts,
                                        f"{q.layer.key}: {zero:.0%} zero pairs; instructions alone: {detail} -> "

@@ -57,8 +57,7 @@ def _requant(acc: tirx.PrimExpr, shift: int, relu: bool, cfg: KernelConfig) -> t
     if shift < 0:
         raise KernelError(f"requantisation shift: expected >= 0, found {shift}")
     v = (acc + (1 << (shift - 1))) >> shift if shift > 0 else acc
-    # ACLE saturation: one USAT/SSAT (the shift folds into it) instead of compare-and-select pairs.
-    if cfg.saturate == "acle":  # one USAT/SSAT; the shift folds into it
+    if cfg.saturate == "acle":  # one USAT/SSAT (the shift folds into it) instead of compare-and-select
         sat = T.call_extern("int32", "__usat", v, 15) if relu else T.call_extern("int32", "__ssat", v, 16)
         return T.Cast("int16", sat)
     return T.Cast("int16", T.max(T.min(v, I16_MAX), 0 if relu else I16_MIN))

@@ -154,8 +154,8 @@ def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] 
     e = _Emitter()
     n_out = _numel(model.graph.out_shape)
     arenas = [0, 0]
-    scratch = max((_numel((*[q.layer.out_hw[0] * q.layer.out_hw[1]], q.weight.shape[1]))
-                   for q in model.layers if isinstance(q.layer, Conv)), default=0)
+    scratch = max((_numel((*q.layer.out_hw, q.weight.shape[1])) for q in model.layers if isinstance(q.layer, Conv)),
+                  default=0)  # im2col patches: OH·OW rows of Kp
     src, used = "input", []
     last = len(model.layers) - 1
     for i, q in enumerate(model.layers):
@@ -198,8 +198,8 @@ def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] 
     (out_dir / "startup.c").write_text(STARTUP_C)
     (out_dir / "Makefile").write_text(_makefile(board))
     (out_dir / "README.md").write_text(README.format(board=board.name, machine=board.machine))
-    meta = {"board": board.name, "layers": used, "kernel_config": vars(cfg), "frac_in": model.frac_in, "frac_out": model.frac_out,
-            "weight_bytes": e.weight_bytes, "activation_bytes": 4 * sum(words)}
+    meta = {"board": board.name, "layers": used, "kernel_config": vars(cfg), "frac_in": model.frac_in,
+            "frac_out": model.frac_out, "weight_bytes": e.weight_bytes, "activation_bytes": 4 * sum(words)}
     (out_dir / "project.json").write_text(json.dumps(meta, indent=1))
     return Project(out_dir, board, model, tuple(used), e.weight_bytes, 4 * sum(words), inputs, cfg)
 

@@ -11,7 +11,7 @@ and CSR kernels give bit-identical outputs). Output: ``clamp((acc + 2^(s-1)) >> 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,22 +49,9 @@ def im2col(x: np.ndarray, layer: Conv) -> np.ndarray:
     return cols.reshape(oh * ow, -1)
 
 
-def max_pool(x: np.ndarray, layer: MaxPool, fill) -> np.ndarray:
-    """Max over clipped windows (ceil mode): windows that run past the edge see only real pixels."""
-    c, h, w = layer.in_shape
-    _, oh, ow = layer.out_shape
-    k, s = layer.size, layer.stride
-    pad_h, pad_w = max(0, (oh - 1) * s + k - h), max(0, (ow - 1) * s + k - w)
-    xp = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=fill)
-    out = np.full((c, oh, ow), fill, x.dtype)
-    for i in range(k):
-        for j in range(k):
-            out = np.maximum(out, xp[:, i:i + s * oh:s, j:j + s * ow:s])
-    return out
-
-
 def _windows(x: np.ndarray, layer, fill) -> tuple[np.ndarray, np.ndarray]:
-    """(stack of the K·K strided views, count of real pixels per output) for a ceil-mode pool."""
+    """(stack of the K·K strided views, count of real pixels per output) for a ceil-mode pool; the part
+    of a window past the edge reads ``fill``."""
     c, h, w = layer.in_shape
     _, oh, ow = layer.out_shape
     k, s = layer.size, layer.stride
@@ -94,7 +81,7 @@ def forward_float(graph: Graph, x: np.ndarray, trace: list[np.ndarray] | None = 
             w2 = layer.weight.reshape(layer.weight.shape[0], -1)
             y = (w2 @ im2col(y, layer).T + layer.bias[:, None]).reshape(layer.out_shape)
         elif isinstance(layer, MaxPool):
-            y = max_pool(y.reshape(layer.in_shape), layer, -np.inf)
+            y = _windows(y.reshape(layer.in_shape), layer, -np.inf)[0].max(0)
         elif isinstance(layer, AvgPool):
             views, count = _windows(y.reshape(layer.in_shape), layer, 0.0)
             y = views.sum(0) / count
@@ -184,17 +171,17 @@ def _run_layer(q: QLayer, y: np.ndarray) -> np.ndarray:
         x = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (0, kp - x.shape[2])))
         acc = np.einsum("ok,npk->nop", q.weight.astype(np.int64), x) + q.bias.astype(np.int64)[None, :, None]
         return _requant(acc, q.shift, q.relu).reshape(n, *layer.out_shape)
-    if isinstance(layer, AvgPool):
-        out = np.stack([_avg_pool_int(yi, layer) for yi in y])
+    if isinstance(layer, (MaxPool, AvgPool)):
+        pool = _max_pool_int if isinstance(layer, MaxPool) else _avg_pool_int
+        out = np.stack([pool(yi, layer) for yi in y])
         return np.maximum(out, 0).astype(np.int16) if layer.relu else out
     if isinstance(layer, LRN):
         return np.stack([_lrn_int(yi, q) for yi in y])
-    if isinstance(layer, MaxPool):
-        c, h, w = layer.in_shape
-        flat = replace(layer, in_shape=(n * c, h, w), out_shape=(n * c, *layer.out_shape[1:]))
-        out = max_pool(y.reshape(n * c, h, w), flat, np.int16(-I16_MAX - 1)).reshape(n, *layer.out_shape)
-        return np.maximum(out, 0).astype(np.int16) if layer.relu else out
     return np.maximum(y, 0).astype(np.int16)  # Relu
+
+
+def _max_pool_int(y: np.ndarray, layer: MaxPool) -> np.ndarray:
+    return _windows(y.reshape(layer.in_shape), layer, np.int16(-I16_MAX - 1))[0].max(0)
 
 
 def _avg_pool_int(y: np.ndarray, layer: AvgPool) -> np.ndarray:
@@ -227,7 +214,7 @@ def _quantize_lrn(layer: LRN, frac: int) -> QLayer:
 def _quantize_weighted(layer: Linear | Conv, frac_in: int, frac_out: int) -> QLayer:
     w2 = layer.weight.reshape(layer.weight.shape[0], -1).astype(np.float64)
     kp = w2.shape[1] + w2.shape[1] % 2
-    frac_w = min(_frac_for(float(np.abs(w2).max())), MAX_FRAC)
+    frac_w = _frac_for(float(np.abs(w2).max()))
     while True:
         wq = np.round(w2 * 2.0**frac_w).astype(np.int64)
         bq = np.round(layer.bias.astype(np.float64) * 2.0**(frac_w + frac_in)).astype(np.int64)

@@ -87,12 +87,16 @@ def _section_sizes(project: Project) -> tuple[int, int]:
     return flash, ram
 
 
-def _symbol(project: Project, name: str) -> str:
+def _symbols(project: Project, *names: str) -> list[str]:
+    """Addresses (hex) of ``names`` in the ELF, from one nm call."""
     out = _run(["arm-none-eabi-nm", str(project.elf)])
-    m = re.search(rf"^([0-9a-f]+) [Tt] {name}$", out, re.MULTILINE)
-    if not m:
-        raise ScalpelError(f"{project.elf}: no symbol {name}")
-    return m.group(1)
+    found = []
+    for name in names:
+        m = re.search(rf"^([0-9a-f]+) [Tt] {name}$", out, re.MULTILINE)
+        if not m:
+            raise ScalpelError(f"{project.elf}: no symbol {name}")
+        found.append(m.group(1))
+    return found
 
 
 def build_and_run(project: Project, timeout: float = 600) -> RunResult:
@@ -101,8 +105,8 @@ def build_and_run(project: Project, timeout: float = 600) -> RunResult:
     _run(["make", "-s", "model.elf"], cwd=project.path, timeout=timeout)
     flash, ram = _section_sizes(project)
     counts = project.path / "instructions.txt"
-    plugin = (f"{plugin_path()},begin=0x{_symbol(project, 'cost_begin')},end=0x{_symbol(project, 'cost_end')},"
-              f"out={counts}")
+    begin, end = _symbols(project, "cost_begin", "cost_end")
+    plugin = f"{plugin_path()},begin=0x{begin},end=0x{end},out={counts}"
     stdout = _run(["qemu-system-arm", "-M", project.board.machine, "-nographic", "-semihosting",
                    "-kernel", str(project.elf), "-plugin", plugin], cwd=project.path, timeout=timeout)
     rows = [line.split(":", 1)[1].split() for line in stdout.splitlines() if line.startswith("out ")]
