@@ -4,6 +4,9 @@ A weight matrix W (out × in; a conv weight flattened per filter to out × in·k
 reduction axis into aligned groups of ``w`` contiguous weights. Kept groups are stored as
 ``values[n_groups, w]`` plus one block-column index per group and a row pointer per row: BSR with
 1×w blocks. A ragged last group (``in % w != 0``) is zero-padded in ``values``.
+
+The GPU's tile-sparse format is the same idea in two dimensions: rows×k tiles (``encode_tiles``), one
+tile-column index per kept tile, the unit of GPU-aware fine-grain pruning (``HardwareSpec.tile``).
 """
 
 from __future__ import annotations
@@ -208,3 +211,96 @@ def size_table(weight: np.ndarray, w: int, value_bytes: int | None = None,
         "csr": encode_csr(w2).sizes(vb, index_bytes),
         "group": encode(w2, w).sizes(vb, index_bytes),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile-sparse (r×c blocks, one tile-column index per kept tile): GPU-aware fine-grain pruning
+# ----------------------------------------------------------------------------------------------
+
+
+def padded_tiles(weight: np.ndarray, rows: int, k: int) -> np.ndarray:
+    """View the weight as (row blocks, k blocks, rows, k), zero-padding ragged edges on both axes."""
+    rows, k = _check_width(rows), _check_width(k)
+    w2 = _as_2d(weight)
+    out, kk = w2.shape
+    rb, kb = -(-out // rows), -(-kk // k)
+    padded = np.zeros((rb * rows, kb * k), w2.dtype)
+    padded[:out, :kk] = w2
+    return padded.reshape(rb, rows, kb, k).transpose(0, 2, 1, 3)
+
+
+def tile_rms(weight: np.ndarray, rows: int, k: int) -> np.ndarray:
+    """RMS of each tile over its real (unpadded) members, shape (row blocks, k blocks)."""
+    tiles = padded_tiles(weight, rows, k).astype(np.float64)
+    out, kk = _as_2d(weight).shape
+    rb, kb = tiles.shape[:2]
+    r_count = np.full(rb, rows, dtype=np.float64)
+    r_count[-1] = out - (rb - 1) * rows
+    k_count = np.full(kb, k, dtype=np.float64)
+    k_count[-1] = kk - (kb - 1) * k
+    return np.sqrt((tiles**2).sum(axis=(2, 3)) / np.outer(r_count, k_count))
+
+
+def tile_mask(weight: np.ndarray, rows: int, k: int) -> np.ndarray:
+    """Boolean (row blocks, k blocks): True where a tile has any nonzero weight."""
+    return np.any(padded_tiles(weight, rows, k) != 0, axis=(2, 3))
+
+
+@dataclass(frozen=True, eq=False)
+class TileSparseMatrix:
+    """A weight as kept rows×k tiles: ``values[T, rows, k]``, ``col_idx[T]`` (tile column, sorted per
+    row block), ``row_ptr[row blocks + 1]``. Ragged edge tiles are zero-padded in ``values``."""
+
+    shape: tuple[int, int]
+    tile: tuple[int, int]
+    values: np.ndarray
+    col_idx: np.ndarray
+    row_ptr: np.ndarray
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.col_idx.shape[0])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(row blocks, k blocks)."""
+        return -(-self.shape[0] // self.tile[0]), -(-self.shape[1] // self.tile[1])
+
+    @property
+    def tile_density(self) -> float:
+        """Kept tiles / all tiles."""
+        rb, kb = self.grid
+        return self.n_tiles / (rb * kb)
+
+    def to_dense(self) -> np.ndarray:
+        (rb, kb), (r, k) = self.grid, self.tile
+        dense = np.zeros((rb, kb, r, k), self.values.dtype)
+        blocks = np.repeat(np.arange(rb), np.diff(self.row_ptr))
+        dense[blocks, self.col_idx] = self.values
+        return dense.transpose(0, 2, 1, 3).reshape(rb * r, kb * k)[: self.shape[0], : self.shape[1]].copy()
+
+    def sizes(self, value_bytes: int | None = None, index_bytes: int = 4) -> SizeReport:
+        vb = value_bytes or self.values.dtype.itemsize
+        return SizeReport(values=self.values.size * vb, indices=self.n_tiles * index_bytes,
+                          row_pointers=(self.grid[0] + 1) * index_bytes)
+
+
+def encode_tiles(weight: np.ndarray, rows: int, k: int, keep: np.ndarray | None = None) -> TileSparseMatrix:
+    """Encode a weight in rows×k tiles; by default keeps every tile with a nonzero weight.
+
+    ``keep`` (row blocks, k blocks) bool selects tiles explicitly; values of dropped tiles are discarded.
+    """
+    tiles = padded_tiles(weight, rows, k)
+    rb, kb = tiles.shape[:2]
+    keep = tile_mask(weight, rows, k) if keep is None else np.asarray(keep, dtype=bool)
+    if keep.shape != (rb, kb):
+        raise FormatError(f"tile keep mask: expected shape {(rb, kb)}, found {keep.shape}")
+    blocks, cols = np.nonzero(keep)
+    row_ptr = np.zeros(rb + 1, dtype="int32")
+    np.cumsum(keep.sum(axis=1), out=row_ptr[1:])
+    values = np.ascontiguousarray(tiles[blocks, cols])
+    col_idx = cols.astype("int32")
+    for arr in (values, col_idx, row_ptr):
+        arr.setflags(write=False)
+    return TileSparseMatrix(shape=_as_2d(weight).shape, tile=(int(rows), int(k)), values=values,
+                            col_idx=col_idx, row_ptr=row_ptr)

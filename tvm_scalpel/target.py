@@ -34,6 +34,10 @@ class HardwareClass(str, enum.Enum):
 # Register width in bits of each SIMD ISA we know, and the dtypes it computes on.
 _SIMD_BITS = {"avx512": 512, "avx2": 256, "avx": 256, "sse": 128, "neon": 128, "mve": 128}
 
+# The smallest memory transaction of an NVIDIA GPU: one 32-byte sector. A pruning tile spans one sector
+# of each weight row along K, so skipping a tile skips whole transactions.
+_GPU_SECTOR_BYTES = 32
+
 # Shorthands accepted by hardware_spec() besides tags and Target objects.
 SHORTHANDS: dict[str, dict[str, Any]] = {
     "cortex-m4": {
@@ -56,6 +60,10 @@ class HardwareSpec:
     ``lanes_*`` is how many elements of that dtype one SIMD instruction processes: the group width of
     SIMD-aware pruning. For CUDA it is the elements in one thread's 128-bit vector load; the SIMT
     width is ``warp_size``.
+
+    ``tile_rows`` × ``tile_k`` (GPU only) is the unit of GPU-aware fine-grain pruning: the fp32 weight
+    tile one thread block of our tiled kernels (``schedules.cuda``) loads per reduction step: one warp
+    width of output rows × one 32-byte sector along K. A pruned tile is a skipped step.
     """
 
     target_json: str
@@ -68,6 +76,16 @@ class HardwareSpec:
     num_cores: int = 1
     warp_size: int | None = None
     max_threads: int | None = None
+    tile_rows: int | None = None
+    tile_k: int | None = None
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        """(rows, k) of the GPU pruning tile; a TargetError for targets without one."""
+        if self.tile_rows is None or self.tile_k is None:
+            raise TargetError(f"tile: GPU-aware tile pruning needs a CUDA target, found a "
+                              f"{self.hardware_class.value} ({self.cpu})")
+        return self.tile_rows, self.tile_k
 
     @property
     def target(self) -> Target:
@@ -181,6 +199,8 @@ def hardware_spec(target: TargetLike) -> HardwareSpec:
             num_cores=1,
             warp_size=int(t.attrs["thread_warp_size"]),
             max_threads=int(t.attrs["max_num_threads"]),
+            tile_rows=int(t.attrs["thread_warp_size"]),
+            tile_k=_GPU_SECTOR_BYTES // 4,
         )
     if kind not in ("llvm", "c"):
         raise TargetError(
