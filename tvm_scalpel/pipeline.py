@@ -3,8 +3,9 @@
 
 CPU (llvm): FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
 → ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
-kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): FoldNodeMasks, then TVM's CUDA
-pipeline (dlight schedules every op). Cortex-M: ``build`` hands over to ``tvm_scalpel.micro`` (int16,
+kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): FoldNodeMasks → RewriteTileSparse (our
+tiled kernels for every conv and tile-sparse Linear, skipping pruned tiles) → TVM's CUDA pipeline (dlight
+schedules the rest). Cortex-M: ``build`` hands over to ``tvm_scalpel.micro`` (int16,
 TVM-generated plain C per layer, a generated driver; no Relax VM on the board).
 """
 
@@ -22,6 +23,7 @@ from .passes.fold_node_masks import FoldConfig, FoldNodeMasks
 from .passes.rewrite_csr import CSRConfig, RewriteCSR
 from .passes.rewrite_dense import DenseConfig, RewriteDense
 from .passes.rewrite_group_sparse import GroupSparseConfig, RewriteGroupSparse
+from .passes.rewrite_tile_sparse import RewriteTileSparse, TileSparseConfig
 from .passes.schedule_remaining import ScheduleRemaining
 from .target import HardwareClass, TargetLike, hardware_spec
 
@@ -29,8 +31,8 @@ from .target import HardwareClass, TargetLike, hardware_spec
 @dataclass(frozen=True)
 class CompilePlan:
     """Per-layer compile decisions, by layer key (``passes._layers.layer_key``, after node folding).
-    ``layer_thresholds``: the minimum fraction of zero groups for the group-sparse kernel (> 1 keeps
-    the layer dense). ``csr_layers``: layers that run CSR kernels (traditional pruning, one index per
+    ``layer_thresholds``: the minimum fraction of zero groups (CPU) or zero tiles (CUDA) for the sparse
+    kernel (> 1 keeps the layer dense). ``csr_layers``: layers that run CSR kernels (traditional pruning, one index per
     weight); a layer cannot be both CSR and group-sparse."""
 
     group_width: int | None = None
@@ -57,8 +59,11 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
         if plan.csr_layers:
             raise PlanError(f"CompilePlan.csr_layers {sorted(plan.csr_layers)}: CSR kernels exist for CPU "
                             "(llvm) targets only; drop csr_layers for CUDA")
-        default = relax.get_default_pipeline(spec.target)
-        return tvm.transform.Sequential([fold, default], name="scalpel_gpu")
+        if plan.group_width is not None:
+            raise PlanError(f"CompilePlan.group_width={plan.group_width}: a CUDA target prunes in tiles of "
+                            f"{spec.tile} (HardwareSpec.tile), not SIMD groups; drop group_width")
+        tiles = RewriteTileSparse(TileSparseConfig(spec, layers=plan.layer_thresholds))
+        return tvm.transform.Sequential([fold, tiles, relax.get_default_pipeline(spec.target)], name="scalpel_gpu")
     if spec.hardware_class is not HardwareClass.CPU:
         raise TargetError(f"tvm_scalpel.pipeline: {spec.cpu} is a microcontroller, which runs no Relax VM and so "
                           "has no Relax pipeline; expected a CPU (llvm) or CUDA target, or use "

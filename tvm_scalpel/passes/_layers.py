@@ -151,14 +151,15 @@ class LayerRewriter(PyExprMutator):
         return self.builder_.add_func(func, name)
 
     def emit_conv_gemm(self, layer: Conv2d, gemm: tvm.tirx.PrimFunc, gemm_name: str,
-                       weight_args: list[relax.Expr]) -> relax.Expr:
-        """im2col of the whole batch, ``gemm(*weight_args, cols)`` → O[oc, b·oh·ow], back to NCHW."""
+                       weight_args: list[relax.Expr], im2col_kernel=cpu.im2col) -> relax.Expr:
+        """im2col of the whole batch, ``gemm(*weight_args, cols)`` → O[oc, b·oh·ow], back to NCHW.
+        ``im2col_kernel`` builds the im2col PrimFunc (the CPU one by default)."""
         b, c, h, w = layer.shape
         oc, _, kh, kw = layer.weight.shape
         oh, ow = layer.out_hw
         npix = b * oh * ow
         tag = f"{c}x{h}x{w}_k{kh}x{kw}_s{layer.stride[0]}x{layer.stride[1]}_p{layer.pad[0]}x{layer.pad[1]}_b{b}"
-        im2col = self.add_kernel(cpu.im2col(b, c, h, w, kh, kw, layer.stride, layer.pad), f"im2col_{tag}")
+        im2col = self.add_kernel(im2col_kernel(b, c, h, w, kh, kw, layer.stride, layer.pad), f"im2col_{tag}")
         cols = self.builder_.emit(relax.call_tir(im2col, [layer.x], out_ty=relax.TensorType(
             (c * kh * kw, npix), F32)))
         gv = self.add_kernel(gemm, gemm_name)

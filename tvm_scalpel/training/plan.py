@@ -3,7 +3,10 @@
 Coordinates: ``kept_nodes`` index the layer's output nodes; ``kept_inputs`` its input features
 (Linear) or input channels (Conv2d); ``group_mask`` covers the *compacted* weight (kept rows ×
 kept inputs, conv flattened per filter), which is the matrix the compiler encodes after removing
-pruned nodes, so groups stay aligned after shrinking.
+pruned nodes, so groups stay aligned after shrinking; so does ``tile_mask`` (row blocks × k blocks of
+``tile`` = (rows, k), GPU tile pruning).
+
+Version 2 added the tile fields; version 1 plans (no tiles) still load.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 
 from .errors import TrainingError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class LayerPlan:
     group_width: int | None = None
     group_mask: PackedMask | None = None
     unstructured: bool = False
+    tile: tuple[int, int] | None = None  # (rows, k) of GPU tile pruning
+    tile_mask: PackedMask | None = None  # kept tiles of the compacted weight, (row blocks, k blocks)
     nonzero_weights: int = 0
     total_weights: int = 0
     dense_bytes: int = 0
@@ -71,9 +77,11 @@ class LayerPlan:
 
     @property
     def method(self) -> str:
-        """'group', 'magnitude', 'node' or 'dense' (group/magnitude may also be node-pruned)."""
+        """'group', 'tile', 'magnitude', 'node' or 'dense' (the first three may also be node-pruned)."""
         if self.group_width is not None:
             return "group"
+        if self.tile is not None:
+            return "tile"
         if self.unstructured:
             return "magnitude"
         return "node" if self.node_pruned or self.kept_inputs is not None else "dense"
@@ -115,6 +123,13 @@ class TrainingPlan:
         total = sum(lp.total_weights for lp in self.layers)
         return sum(lp.nonzero_weights for lp in self.layers) / total if total else 1.0
 
+    @property
+    def tile_sparsity(self) -> float | None:
+        """Pruned tiles / all tiles of the tile-pruned layers (None: no tile pruning)."""
+        masks = [lp.tile_mask.to_array() for lp in self.layers if lp.tile_mask is not None]
+        total = sum(m.size for m in masks)
+        return 1.0 - sum(int(m.sum()) for m in masks) / total if total else None
+
     def summary(self) -> dict[str, Any]:
         """Small human-oriented digest: kept nodes, sparsity per layer, size ratio."""
         return {
@@ -132,19 +147,23 @@ class TrainingPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainingPlan":
-        if d.get("version") != PLAN_VERSION:
-            raise TrainingError(f"plan version {d.get('version')!r}: expected {PLAN_VERSION}")
+        if d.get("version") not in _READABLE_VERSIONS:
+            raise TrainingError(f"plan version {d.get('version')!r}: expected one of {_READABLE_VERSIONS}; "
+                                "a newer plan needs a newer tvm_scalpel")
         layers = []
         for ld in d["layers"]:
             ld = dict(ld)
-            gm = ld.get("group_mask")
-            ld["group_mask"] = PackedMask(tuple(gm["shape"]), gm["bits"]) if gm else None
+            for key in ("group_mask", "tile_mask"):
+                m = ld.get(key)
+                ld[key] = PackedMask(tuple(m["shape"]), m["bits"]) if m else None
+            if ld.get("tile") is not None:
+                ld["tile"] = tuple(ld["tile"])
             ld["weight_shape"] = tuple(ld["weight_shape"])
             ld["kept_nodes"] = tuple(ld["kept_nodes"])
             if ld.get("kept_inputs") is not None:
                 ld["kept_inputs"] = tuple(ld["kept_inputs"])
             layers.append(LayerPlan(**ld))
-        rest = {k: v for k, v in d.items() if k != "layers"}
+        rest = {k: v for k, v in d.items() if k not in ("layers", "version")}
         return cls(layers=tuple(layers), **rest)
 
     @classmethod

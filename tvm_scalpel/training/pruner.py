@@ -1,7 +1,8 @@
 """The torch.ao-style lifecycle: ``prepare`` a copy of the model → ``step`` in your own loop → ``finalize``.
 
 ``prepare`` never touches the caller's model or optimizer: it deep-copies the model, wraps each node
-point's anchor with a :class:`NodeMask`, and keeps weight masks on the side. After every
+point's anchor with a :class:`NodeMask`, and keeps weight masks on the side, on the model's device
+(move the model with ``.to(device)`` *before* ``prepare``). After every
 ``optimizer.step()`` the loop calls ``pruner.step(optimizer)``, which applies the L1 penalty to the
 mask betas (with the optimizer's current lr) and re-applies the weight masks. ``finalize`` folds
 everything into a plain ``nn.Module`` (zeros in the weights) plus a :class:`TrainingPlan`.
@@ -21,6 +22,7 @@ from torch import nn
 
 from .. import formats
 from ..models.base import NodePoint
+from ..errors import TargetError
 from ..target import TargetLike, hardware_spec
 from . import rules
 from .errors import TrainingError
@@ -84,6 +86,45 @@ class GroupConfig:
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """GPU-aware fine-grain pruning in ``rows`` × ``k`` tiles of the compacted 2-D weight (the unit our
+    CUDA kernels skip; see :meth:`for_target`).
+
+    Left dense by default: a first layer that is a Conv2d (it reads the raw 1-3 input channels, so its
+    K is tiny, its share of the MACs small and its accuracy cost high) and the classifier (10 rows fill
+    a third of one 32-row block, and a pruned tile there cuts an input off from every class). Whatever
+    the selection, a layer whose compacted K spans fewer than two tile columns stays dense: losing its
+    only tile column would zero every output of the row block. ``layers`` names the layers explicitly
+    (the two defaults then do not apply).
+    """
+
+    rows: int
+    k: int
+    layers: tuple[str, ...] | None = None
+    kinds: tuple[LayerKind, ...] = (LayerKind.LINEAR, LayerKind.CONV2D)
+    dense_first_conv: bool = True
+    dense_classifier: bool = True
+
+    def __post_init__(self) -> None:
+        for what, v in (("rows", self.rows), ("k", self.k)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise TrainingError(f"tile {what}: expected a positive int (from hardware_spec(target).tile), "
+                                    f"found {v!r}")
+
+    @classmethod
+    def for_target(cls, target: TargetLike, **kw: Any) -> "TileConfig":
+        """The tile from ``hardware_spec(target).tile`` (the one source of that fact): a CUDA target."""
+        spec = hardware_spec(target)
+        try:
+            rows, k = spec.tile
+        except TargetError:
+            raise TrainingError(f"tile pruning needs a GPU target with a pruning tile; found a "
+                                f"{spec.hardware_class.value} target ({spec.cpu}); pass e.g. 'cuda' or "
+                                "'nvidia/nvidia-h100'") from None
+        return cls(rows=rows, k=k, **kw)
+
+
+@dataclass(frozen=True)
 class MagnitudeConfig:
     """Traditional unstructured magnitude pruning (the paper's baseline)."""
 
@@ -100,10 +141,18 @@ class PruneConfig:
     group: GroupConfig | None = None
     magnitude: MagnitudeConfig | None = None
     node_points: tuple[NodePoint, ...] | None = None
+    tile: TileConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.group is not None and self.magnitude is not None:
-            raise TrainingError("PruneConfig: choose SIMD-aware (group) or magnitude pruning, not both")
+        chosen = [n for n in ("group", "tile", "magnitude") if getattr(self, n) is not None]
+        if len(chosen) > 1:
+            raise TrainingError(f"PruneConfig: choose one weight pruning method (SIMD-aware group, GPU tile or "
+                                f"magnitude), found {' and '.join(chosen)}; not both")
+
+    @property
+    def weight(self) -> GroupConfig | TileConfig | MagnitudeConfig | None:
+        """The one weight-pruning config, if any."""
+        return self.group or self.tile or self.magnitude
 
 
 class _Masked(nn.Module):
@@ -144,6 +193,7 @@ def input_keep_mask(consumer: nn.Module, keep_nodes: torch.Tensor) -> torch.Tens
     """
     n = keep_nodes.numel()
     w = consumer.weight
+    keep_nodes = keep_nodes.to(w.device)
     if isinstance(consumer, nn.Linear):
         if consumer.in_features % n:
             raise TrainingError(
@@ -156,7 +206,7 @@ def input_keep_mask(consumer: nn.Module, keep_nodes: torch.Tensor) -> torch.Tens
         if consumer.in_channels != n:
             raise TrainingError(f"consumer Conv2d has {consumer.in_channels} input channels, producer {n} nodes")
         per_in, per_out = n // g, consumer.out_channels // g
-        m = torch.zeros(w.shape, dtype=torch.bool)
+        m = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
         for i in range(g):
             m[i * per_out:(i + 1) * per_out] = keep_nodes[i * per_in:(i + 1) * per_in].view(1, -1, 1, 1)
         return m
@@ -178,13 +228,16 @@ class Pruner:
         self.lambdas: dict[str, float] = {}
         self.weight_masks: dict[str, torch.Tensor] = {}
         self.group_threshold: float | None = None
+        #: The last tile stage's sparsity (one float, or {layer: sparsity}).
+        self.tile_sparsity_target: float | dict[str, float] | None = None
+        self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._dropout_p0: dict[str, float] = {}
         if config.node is not None:
             self._prepare_nodes(model, config.node)
-        self._weight_layers = self._select(config.group or config.magnitude)
+        self._weight_layers = self._select(config.weight)
 
     # ---------------------------------------------------------------- preparation
-    def _select(self, cfg: GroupConfig | MagnitudeConfig | None) -> tuple[str, ...]:
+    def _select(self, cfg: GroupConfig | TileConfig | MagnitudeConfig | None) -> tuple[str, ...]:
         if cfg is None:
             return ()
         if cfg.layers is not None:
@@ -193,7 +246,14 @@ class Pruner:
                 raise TrainingError(f"weight pruning layers {missing} are not Conv2d/Linear layers of the "
                                     f"model; expected some of {list(self.layers)}")
             return tuple(cfg.layers)
-        return tuple(n for n, m in self.layers.items() if _kind(m) in cfg.kinds)
+        names = list(self.layers)
+        dense: set[str] = set()
+        if isinstance(cfg, TileConfig) and names:
+            if cfg.dense_first_conv and _kind(self.layers[names[0]]) is LayerKind.CONV2D:
+                dense.add(names[0])
+            if cfg.dense_classifier:
+                dense.add(names[-1])
+        return tuple(n for n in names if _kind(self.layers[n]) in cfg.kinds and n not in dense)
 
     def _prepare_nodes(self, original: nn.Module, cfg: NodeConfig) -> None:
         points = self.config.node_points
@@ -223,7 +283,7 @@ class Pruner:
             groups = int(np.lcm.reduce([getattr(modules[c], "groups", 1) for c in p.consumers]
                                        + [getattr(layer, "groups", 1)]))
             mask = NodeMask(_num_nodes(layer), rule, groups=groups, round_to=cfg.round_to,
-                            min_kept=cfg.min_kept)
+                            min_kept=cfg.min_kept).to(self.device)
             _set_submodule(self.model, p.anchor, _Masked(modules[p.anchor], mask))
             self.masks[p.layer] = mask
             self.points[p.layer] = p
@@ -306,11 +366,11 @@ class Pruner:
         layer = self.layers[name]
         out = layer.weight.shape[0]
         k = int(np.prod(layer.weight.shape[1:]))
-        rows = (self.masks[name].kept().numpy() if name in self.masks else np.arange(out))
+        rows = (self.masks[name].kept().cpu().numpy() if name in self.masks else np.arange(out))
         producer = self._producer_of().get(name)
         if producer is None:
             return rows, np.broadcast_to(np.arange(k), (len(rows), k))
-        keep_in = input_keep_mask(layer, self.masks[producer.layer].alpha > 0.5).reshape(out, k).numpy()
+        keep_in = input_keep_mask(layer, self.masks[producer.layer].alpha > 0.5).reshape(out, k).cpu().numpy()
         keep_in = keep_in[rows]
         counts = keep_in.sum(axis=1)
         if len(rows) and (counts != counts[0]).any():
@@ -323,6 +383,21 @@ class Pruner:
         rows, cols = self._geometry(name)
         w2 = self.layers[name].weight.detach().cpu().numpy().reshape(self.layers[name].weight.shape[0], -1)
         return w2[rows[:, None], cols] if len(rows) else np.zeros((0, cols.shape[1])), rows, cols
+
+    def _scatter(self, name: str, keep: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """A compacted (kept rows × kept inputs) element mask → full weight-shaped mask on the device."""
+        layer = self.layers[name]
+        full = np.zeros((layer.weight.shape[0], int(np.prod(layer.weight.shape[1:]))), dtype=bool)
+        if len(rows):
+            full[rows[:, None], cols] = keep
+        return torch.from_numpy(full.reshape(layer.weight.shape)).to(self.device)
+
+    def _compact_mask(self, name: str, shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The layer's weight mask in compacted coordinates (all True without one)."""
+        if name not in self.weight_masks:
+            return np.ones(shape, dtype=bool)
+        m2 = self.weight_masks[name].reshape(self.layers[name].weight.shape[0], -1).cpu().numpy()
+        return m2[rows[:, None], cols] if len(rows) else np.zeros(shape, bool)
 
     def prune_groups(self, threshold: float) -> None:
         """Start a SIMD-aware stage: recompute the group masks at ``threshold`` and apply them.
@@ -340,14 +415,62 @@ class Pruner:
         for name in self._weight_layers:
             wc, rows, cols = self._compact(name)
             keep = rules.expand_groups(rules.simd_group_keep(wc, cfg.width, threshold), wc.shape[1], cfg.width)
-            layer = self.layers[name]
-            full = np.zeros((layer.weight.shape[0], int(np.prod(layer.weight.shape[1:]))), dtype=bool)
-            if len(rows):
-                full[rows[:, None], cols] = keep
-            self.weight_masks[name] = torch.from_numpy(full.reshape(layer.weight.shape))
+            self.weight_masks[name] = self._scatter(name, keep, rows, cols)
         self.apply_weight_masks()
         logger.info("group threshold %.4g (w=%d): weight density %.4f", threshold, cfg.width,
                     self.weight_density())
+
+    def tile_layers(self) -> tuple[str, ...]:
+        """The layers tile stages prune: the selection, less those whose compacted K spans fewer than
+        two tile columns (see :class:`TileConfig`)."""
+        cfg = self.config.tile
+        if cfg is None:
+            return ()
+        out = []
+        for name in self._weight_layers:
+            rows, cols = self._geometry(name)
+            if len(rows) and -(-cols.shape[1] // cfg.k) >= 2:
+                out.append(name)
+            else:
+                logger.debug("%s stays dense: compacted K=%d spans fewer than two %d-wide tile columns",
+                             name, cols.shape[1], cfg.k)
+        return tuple(out)
+
+    def prune_tiles(self, sparsity: float | Mapping[str, float]) -> None:
+        """Start a GPU tile stage: in each tile layer, prune the ``sparsity`` fraction of rows×k tiles
+        with the lowest RMS (one float for every tile layer, or {layer: sparsity} for some of them).
+
+        Tiles are cut in the compacted weight (the matrix the compiler encodes after node pruning).
+        Cumulative: tiles pruned by an earlier stage stay pruned.
+        """
+        cfg = self.config.tile
+        if cfg is None:
+            raise TrainingError("prune_tiles: the pruner was prepared without TileConfig")
+        if self.masks and not self.nodes_frozen:
+            raise TrainingError("prune_tiles: freeze the node masks first (freeze_nodes()); "
+                                "tiles are cut in the node-pruned weight")
+        layers = self.tile_layers()
+        if isinstance(sparsity, Mapping):
+            unknown = sorted(set(sparsity) - set(layers))
+            if unknown:
+                raise TrainingError(f"tile sparsity for {unknown}: not tile-pruned layers; expected some of "
+                                    f"{list(layers)} (first conv, classifier and layers under two tile "
+                                    "columns stay dense)")
+            per_layer = {n: float(v) for n, v in sparsity.items()}
+            self.tile_sparsity_target = dict(per_layer)
+        else:
+            per_layer = {n: float(sparsity) for n in layers}
+            self.tile_sparsity_target = float(sparsity)
+        for name, value in per_layer.items():
+            wc, rows, cols = self._compact(name)
+            keep = rules.tile_keep(wc, cfg.rows, cfg.k, value)
+            mask = self._scatter(name, rules.expand_tiles(keep, wc.shape, cfg.rows, cfg.k), rows, cols)
+            if name in self.weight_masks:
+                mask &= self.weight_masks[name]
+            self.weight_masks[name] = mask
+        self.apply_weight_masks()
+        logger.info("tile sparsity %s (%dx%d): %.4f of the tiles pruned, weight density %.4f",
+                    sparsity, cfg.rows, cfg.k, self.tile_sparsity() or 0.0, self.weight_density())
 
     def prune_magnitude(self, value: float) -> None:
         """Start a traditional pruning stage (cumulative: pruned weights stay pruned)."""
@@ -360,7 +483,7 @@ class Pruner:
                 keep = rules.magnitude_keep(w, value)
             else:
                 keep = rules.magnitude_keep_std(w, value)
-            keep = torch.from_numpy(keep)
+            keep = torch.from_numpy(keep).to(self.device)
             if name in self.weight_masks:
                 keep &= self.weight_masks[name]
             self.weight_masks[name] = keep
@@ -371,12 +494,33 @@ class Pruner:
     def kept_summary(self) -> dict[str, str]:
         return {n: f"{int(m.alpha.sum())}/{m.num_nodes}" for n, m in self.masks.items()}
 
+    def _kept_tiles(self, name: str, shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The tile mask as decided (kept tiles whose weights all trained to zero still count)."""
+        t = self.config.tile
+        return formats.tile_mask(self._compact_mask(name, shape, rows, cols).astype(np.float32), t.rows, t.k)
+
+    def tile_sparsity(self) -> float | None:
+        """Pruned tiles / all tiles of the tile-masked layers (None before the first tile stage)."""
+        if self.config.tile is None:
+            return None
+        pruned = total = 0
+        for name in self._weight_layers:
+            if name not in self.weight_masks:
+                continue
+            rows, cols = self._geometry(name)
+            if not len(rows) or not cols.shape[1]:
+                continue
+            kept = self._kept_tiles(name, (len(rows), cols.shape[1]), rows, cols)
+            pruned += int(kept.size - kept.sum())
+            total += kept.size
+        return pruned / total if total else None
+
     @torch.no_grad()
     def weight_density(self) -> float:
         """Fraction of Conv2d/Linear weights that are live: node masks and weight masks together."""
         live = total = 0
         for name, layer in self.layers.items():
-            keep = torch.ones(layer.weight.shape, dtype=torch.bool)
+            keep = torch.ones(layer.weight.shape, dtype=torch.bool, device=layer.weight.device)
             if name in self.weight_masks:
                 keep &= self.weight_masks[name]
             if name in self.masks:
@@ -396,14 +540,16 @@ class Pruner:
             "weight_masks": {k: v.clone() for k, v in self.weight_masks.items()},
             "lambdas": dict(self.lambdas),
             "group_threshold": self.group_threshold,
+            "tile_sparsity": self.tile_sparsity_target,
             "dropout_p": {d: float(self.model.get_submodule(d).p) for d in self._dropout_p0},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.weight_masks = {k: v.clone().bool() for k, v in state["weight_masks"].items()}
+        self.weight_masks = {k: v.clone().bool().to(self.device) for k, v in state["weight_masks"].items()}
         self.lambdas = dict(state["lambdas"])
         self.group_threshold = state["group_threshold"]
+        self.tile_sparsity_target = state.get("tile_sparsity")  # absent in checkpoints before tile pruning
         for d, p in state["dropout_p"].items():
             self.model.get_submodule(d).p = p
         for m in self.masks.values():
@@ -449,8 +595,7 @@ class Pruner:
         layer = self.layers[name]
         wc, rows, cols = self._compact(name)
         if name in self.weight_masks:
-            m2 = self.weight_masks[name].reshape(layer.weight.shape[0], -1).numpy()
-            wc = wc * (m2[rows[:, None], cols] if len(rows) else 0)
+            wc = wc * self._compact_mask(name, wc.shape, rows, cols)
         producer = self._producer_of().get(name)
         kept_inputs = None
         if producer is not None:
@@ -460,7 +605,7 @@ class Pruner:
             kept_inputs = tuple(int(i) for i in torch.nonzero(keep_in).flatten())
         n_bias = len(rows) if layer.bias is not None else 0
         dense = (layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)) * vb
-        group_width = group_mask = None
+        group_width = group_mask = tile = tile_mask = None
         unstructured = False
         idx_bytes = 0
         cfg = self.config.group
@@ -469,6 +614,13 @@ class Pruner:
             gmask = self._kept_groups(name, wc.shape, rows, cols)
             group_mask = PackedMask.from_array(gmask)
             rep = formats.encode(wc, cfg.width, keep=gmask).sizes(vb, ib)
+            stored, idx_bytes = rep.total, rep.indices + rep.row_pointers
+        elif self.config.tile is not None and name in self.weight_masks and wc.size:
+            t = self.config.tile
+            tile = (t.rows, t.k)
+            tmask = self._kept_tiles(name, wc.shape, rows, cols)
+            tile_mask = PackedMask.from_array(tmask)
+            rep = formats.encode_tiles(wc, t.rows, t.k, keep=tmask).sizes(vb, ib)
             stored, idx_bytes = rep.total, rep.indices + rep.row_pointers
         elif self.config.magnitude is not None and name in self.weight_masks and wc.size:
             unstructured = True
@@ -480,7 +632,7 @@ class Pruner:
             name=name, kind=_kind(layer).value, weight_shape=tuple(layer.weight.shape),
             conv_groups=int(getattr(layer, "groups", 1)), num_nodes=_num_nodes(layer),
             kept_nodes=tuple(int(r) for r in rows), kept_inputs=kept_inputs,
-            group_width=group_width, group_mask=group_mask, unstructured=unstructured,
+            group_width=group_width, group_mask=group_mask, unstructured=unstructured, tile=tile, tile_mask=tile_mask,
             nonzero_weights=int(np.count_nonzero(wc)), total_weights=int(layer.weight.numel()),
             dense_bytes=dense, stored_bytes=int(stored + n_bias * vb), index_bytes=int(idx_bytes),
         )
@@ -488,10 +640,8 @@ class Pruner:
     def _kept_groups(self, name: str, shape: tuple[int, int], rows: np.ndarray,
                      cols: np.ndarray) -> np.ndarray:
         """The group mask as decided (kept groups whose weights all trained to zero still count)."""
-        w = self.config.group.width
-        m2 = self.weight_masks[name].reshape(self.layers[name].weight.shape[0], -1).numpy()
-        mc = m2[rows[:, None], cols] if len(rows) else np.zeros(shape, bool)
-        return formats.padded_groups(mc.astype(np.float32), w).any(axis=2)
+        mc = self._compact_mask(name, shape, rows, cols)
+        return formats.padded_groups(mc.astype(np.float32), self.config.group.width).any(axis=2)
 
 
 def prepare(model: nn.Module, config: PruneConfig, *, name: str | None = None) -> Pruner:

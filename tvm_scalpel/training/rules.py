@@ -1,4 +1,5 @@
-"""Pure weight-pruning rules (numpy in, boolean masks out): Scalpel's SIMD-aware groups and Han's magnitude.
+"""Pure weight-pruning rules (numpy in, boolean masks out): Scalpel's SIMD-aware groups, GPU-aware tiles
+and Han's magnitude.
 
 Kept separate from the lifecycle so they can be tested number by number.
 """
@@ -33,6 +34,35 @@ def expand_groups(keep: np.ndarray, k: int, w: int) -> np.ndarray:
     if keep.shape[1] != -(-k // w):
         raise TrainingError(f"expand_groups: {keep.shape[1]} groups cannot cover K={k} at w={w}")
     return np.repeat(keep, w, axis=1)[:, :k]
+
+
+def tile_keep(weight: np.ndarray, rows: int, k: int, sparsity: float) -> np.ndarray:
+    """Which rows×k tiles to keep, shape (row blocks, k blocks): all but the ``sparsity`` fraction of the
+    layer's tiles with the lowest RMS (over each tile's real members; ``formats.tile_rms``).
+
+    Ranked within the layer, ties broken by tile order (row-block major). Already-zero tiles have RMS 0
+    and go first, so raising ``sparsity`` stage by stage is cumulative.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise TrainingError(f"tile sparsity: expected a fraction in [0, 1), found {sparsity}")
+    w2 = formats.flatten_per_filter(np.asarray(weight))
+    grid = (-(-w2.shape[0] // rows), -(-w2.shape[1] // k))
+    if w2.size == 0:
+        return np.zeros(grid, dtype=bool)
+    rms = formats.tile_rms(w2, rows, k).ravel()
+    keep = np.ones(rms.size, dtype=bool)
+    keep[np.argsort(rms, kind="stable")[:int(round(sparsity * rms.size))]] = False
+    return keep.reshape(grid)
+
+
+def expand_tiles(keep: np.ndarray, shape: tuple[int, int], rows: int, k: int) -> np.ndarray:
+    """(row blocks, k blocks) tile mask → element mask of the 2-D ``shape`` (ragged edge tiles cropped)."""
+    keep = np.asarray(keep, dtype=bool)
+    out, kk = shape
+    if keep.shape != (-(-out // rows), -(-kk // k)):
+        raise TrainingError(f"expand_tiles: a {keep.shape} tile grid cannot cover a {out}x{kk} weight "
+                            f"in {rows}x{k} tiles")
+    return np.repeat(np.repeat(keep, rows, axis=0), k, axis=1)[:out, :kk]
 
 
 def magnitude_keep(weight: np.ndarray, sparsity: float) -> np.ndarray:
