@@ -1,4 +1,5 @@
-"""The training side of Scalpel in PyTorch: node masks, SIMD-aware groups, magnitude pruning, recipes.
+"""The training side of Scalpel in PyTorch: node masks, SIMD-aware groups, GPU tiles, magnitude pruning,
+recipes.
 
 Lifecycle (torch.ao style, on a deep copy; the caller's model and optimizer are never patched)::
 
@@ -11,6 +12,9 @@ Lifecycle (torch.ao style, on a deep copy; the caller's model and optimizer are 
         pruner.step(opt)                     # L1 on beta with opt's lr; re-apply weight masks
     pruner.freeze_nodes(); pruner.prune_groups(0.04)   # ... retrain ...
     pruned, plan = pruner.finalize()         # plain nn.Module with zeros + JSON-serialisable plan
+
+GPU-aware fine-grain pruning: ``PruneConfig(tile=TileConfig.for_target("cuda"))`` and
+``pruner.prune_tiles(0.5)`` (then 0.7, ... with retraining between: cumulative).
 """
 
 from .errors import TrainingError
@@ -18,16 +22,16 @@ from .loop import EpochRecord, TrainResult, evaluate, run_recipe, train_epoch
 from .mask import MaskRule, NodeMask, balance, hysteresis
 from .plan import LayerPlan, PackedMask, TrainingPlan
 from .pruner import (DropoutRescale, GroupConfig, LayerKind, MagnitudeConfig, MagnitudeCriterion, NodeConfig,
-                     PruneConfig, Pruner, input_keep_mask, prepare)
+                     PruneConfig, Pruner, TileConfig, input_keep_mask, prepare)
 from .recipes import (DataSpec, Optim, Recipe, Stage, StageKind, get_recipe, paper_recipe, quick,
-                      recipe_names)
-from .rules import expand_groups, magnitude_keep, magnitude_keep_std, simd_group_keep
+                      recipe_names, scale_schedule)
+from .rules import expand_groups, expand_tiles, magnitude_keep, magnitude_keep_std, simd_group_keep, tile_keep
 
 __all__ = [
     "DataSpec", "DropoutRescale", "EpochRecord", "GroupConfig", "LayerKind", "LayerPlan", "MagnitudeConfig",
     "MagnitudeCriterion", "MaskRule", "NodeConfig", "NodeMask", "Optim", "PackedMask", "PruneConfig",
-    "Pruner", "Recipe", "Stage", "StageKind", "TrainResult", "TrainingError", "TrainingPlan", "balance",
-    "evaluate", "expand_groups", "get_recipe", "hysteresis", "input_keep_mask", "magnitude_keep",
-    "magnitude_keep_std", "paper_recipe", "prepare", "quick", "recipe_names", "run_recipe",
-    "simd_group_keep", "train_epoch",
+    "Pruner", "Recipe", "Stage", "StageKind", "TileConfig", "TrainResult", "TrainingError", "TrainingPlan",
+    "balance", "evaluate", "expand_groups", "expand_tiles", "get_recipe", "hysteresis", "input_keep_mask",
+    "magnitude_keep", "magnitude_keep_std", "paper_recipe", "prepare", "quick", "recipe_names", "run_recipe",
+    "scale_schedule", "simd_group_keep", "tile_keep", "train_epoch",
 ]

@@ -1,4 +1,4 @@
-"""CLI: ``python -m tvm_scalpel.training list`` / ``run RECIPE [--checkpoint-dir D] [--target T]``."""
+"""CLI: ``python -m tvm_scalpel.training list`` / ``run RECIPE [--checkpoint-dir D] [--target T] [--device D]``."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("recipe")
     r.add_argument("--checkpoint-dir", help="write a checkpoint every epoch and resume from it")
     r.add_argument("--no-resume", action="store_true")
-    r.add_argument("--target", help="target whose SIMD lanes set w (shorthand, tag, or JSON dict)")
+    r.add_argument("--target", help="target whose SIMD lanes set w, or whose tile sets the GPU tile "
+                                    "(shorthand, tag, or JSON dict)")
     r.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    r.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.cmd == "list":
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if target and target.startswith("{"):
         target = json.loads(target)
     result = run_recipe(get_recipe(args.recipe, target=target), checkpoint_dir=args.checkpoint_dir,
-                        resume=not args.no_resume)
+                        resume=not args.no_resume, device=args.device)
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
     return 0
 

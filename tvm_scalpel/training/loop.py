@@ -2,7 +2,11 @@
 
 Progress goes to this module's logger (one line per epoch: loss, accuracy, kept nodes, weight
 density); a checkpoint is written after every epoch, and ``run_recipe(..., resume=True)`` continues
-from the last one.
+from the last one. Every stage's end is also kept (``stages/``: plan and weights), so a later choice
+(e.g. the highest tile sparsity within a loss budget) can take that stage's model.
+
+``device`` trains on a GPU when one is given; data batches follow the model, and the finalized model
+comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .recipes import Recipe, Stage, StageKind
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+STAGES_DIR = "stages"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class EpochRecord:
     kept_nodes: dict[str, str]
     weight_density: float
     seconds: float
+    tile_sparsity: float | None = None  # pruned / all tiles of the tile-pruned layers
 
 
 @dataclass(frozen=True)
@@ -63,13 +69,27 @@ class TrainResult:
     wall_seconds: float
     model: nn.Module = field(repr=False, compare=False)
 
+    def stages(self) -> list[dict[str, Any]]:
+        """One row per stage, as it ended: test accuracy, loss against dense, weight density, tile sparsity."""
+        ends: dict[int, EpochRecord] = {}
+        for h in self.history:
+            ends[h.stage] = h
+        return [{"stage": i, "label": h.stage_label, "epochs": h.epochs, "test_accuracy": h.test_accuracy,
+                 "accuracy_loss": None if self.dense_accuracy is None else self.dense_accuracy - h.test_accuracy,
+                 "weight_density": h.weight_density, "tile_sparsity": h.tile_sparsity}
+                for i, h in sorted(ends.items())]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe, "dense_accuracy": self.dense_accuracy,
             "final_accuracy": self.final_accuracy, "masked_accuracy": self.masked_accuracy,
             "wall_seconds": self.wall_seconds, "plan_summary": self.plan.summary(),
-            "history": [dataclasses.asdict(h) for h in self.history],
+            "stages": self.stages(), "history": [dataclasses.asdict(h) for h in self.history],
         }
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -77,8 +97,10 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 1000) -> tuple[
     """Mean cross-entropy and accuracy (0-1) of ``model`` on ``data``; restores the training flag."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     loss = correct = 0.0
     for x, y in data.batches(batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
@@ -88,10 +110,13 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 1000) -> tuple[
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageSet, batch_size: int,
                 generator: torch.Generator, pruner: Pruner | None = None) -> tuple[float, float]:
-    """One pass over ``data``; ``pruner.step(optimizer)`` after every optimizer step."""
+    """One pass over ``data`` (batches moved to the model's device); ``pruner.step(optimizer)`` after
+    every optimizer step."""
     model.train()
+    device = _device_of(model)
     loss_sum = correct = 0.0
     for x, y in data.batches(batch_size, shuffle=True, generator=generator):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
@@ -142,21 +167,38 @@ def _begin_stage(pruner: Pruner, stage: Stage) -> None:
         pruner.prune_groups(float(stage.value))
     elif stage.kind is StageKind.MAGNITUDE:
         pruner.prune_magnitude(float(stage.value))
+    elif stage.kind is StageKind.TILE:
+        pruner.prune_tiles(float(stage.value))
+
+
+def _save_stage(pruner: Pruner | None, model: nn.Module, out: Path, si: int, recipe: Recipe, hw: Any) -> None:
+    """The model as stage ``si`` left it: finalized weights (CPU) and, when pruning, the plan."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"stage-{si + 1:02d}"
+    if pruner is None:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stem.with_suffix(".pt"))
+        return
+    final, plan = pruner.finalize(recipe=f"{recipe.name}@stage{si + 1}", hardware=hw)
+    torch.save({k: v.cpu() for k, v in final.state_dict().items()}, stem.with_suffix(".pt"))
+    stem.with_suffix(".plan.json").write_text(plan.to_json(indent=1))
 
 
 def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resume: bool = True,
                data: tuple[ImageSet, ImageSet] | None = None,
-               on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
-    """Train ``recipe`` and return the finalized model with its plan.
+               on_epoch: Callable[[EpochRecord], None] | None = None,
+               device: str | torch.device = "cpu") -> TrainResult:
+    """Train ``recipe`` on ``device`` and return the finalized model (on the CPU) with its plan.
 
     ``data`` injects (train, test) sets (tests use small ones); otherwise the recipe's real dataset
     is loaded. With ``checkpoint_dir`` a checkpoint is written after every epoch and, with
-    ``resume``, training continues from it (only if the recipe is the same).
+    ``resume``, training continues from it (only if the recipe is the same); every stage's end is
+    kept in ``checkpoint_dir/stages/stage-NN.{pt,plan.json}``.
     """
     t0 = time.perf_counter()
+    device = torch.device(device)
     train, test = data if data is not None else load_data(recipe)
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, **dict(recipe.model_kwargs))
+    model = build_model(recipe.model, **dict(recipe.model_kwargs)).to(device)
     if tuple(model.input_shape) != train.image_shape:
         raise TrainingError(f"{recipe.model} expects inputs {model.input_shape}, the data gives "
                             f"{train.image_shape}; set DataSpec(pad_to=..., channels=...)")
@@ -170,9 +212,10 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
     start_stage = start_epoch = 0
     elapsed_before = 0.0
     opt_state = sched_state = None
+    hw = hardware_spec(recipe.target).to_dict() if recipe.target is not None else None
 
     if ckpt_path is not None and resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         if ck["fingerprint"] != fingerprint:
             raise TrainingError(f"{ckpt_path} was written by a different recipe ({ck['recipe']!r}); "
                                 "use another checkpoint_dir or resume=False")
@@ -219,6 +262,7 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
                 kept_nodes=pruner.kept_summary() if pruner else {},
                 weight_density=pruner.weight_density() if pruner else 1.0,
                 seconds=time.perf_counter() - te,
+                tile_sparsity=pruner.tile_sparsity() if pruner else None,
             )
             history.append(rec)
             logger.info("[%s] stage %d/%d %s epoch %d/%d lr %.3g loss %.4f train %.2f%% test %.2f%% "
@@ -230,6 +274,8 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
                 dense_acc = test_acc
             if ckpt_path is not None:
                 last = epoch + 1 == stage.epochs
+                if last:  # before the checkpoint that marks the stage done, so a resume never lacks it
+                    _save_stage(pruner, model, ckpt_path.parent / STAGES_DIR, si, recipe, hw)
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({
                     "recipe": recipe.name, "fingerprint": fingerprint,
@@ -251,9 +297,9 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
     if dense_acc is None and all(s.kind is StageKind.DENSE for s in recipe.stages):
         dense_acc = evaluate(pruner.model, test)[1]
     _, masked_acc = evaluate(pruner.model, test)
-    hw = hardware_spec(recipe.target).to_dict() if recipe.target is not None else None
     final, plan = pruner.finalize(recipe=recipe.name, hardware=hw)
     _, final_acc = evaluate(final, test)
+    final = final.cpu()
     wall = elapsed_before + time.perf_counter() - t0
     logger.info("[%s] done: dense %s, pruned %.2f%% (masked %.2f%%), size %.2f%% of dense, %.0fs",
                 recipe.name, "-" if dense_acc is None else f"{100 * dense_acc:.2f}%", 100 * final_acc,

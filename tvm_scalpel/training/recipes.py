@@ -4,6 +4,9 @@ MCU: SIMD-aware weight pruning only (w = the MCU's int16 lanes). GPU: node pruni
 CPU: node pruning, then SIMD-aware pruning (w = the CPU's fp32 lanes) on the layers that are sparse
 enough to beat dense there (FC layers, as in the paper, unless a profile says otherwise).
 ``magnitude`` is traditional unstructured pruning, the paper's baseline; ``dense`` trains only.
+``gpu-fine`` is GPU-aware fine-grain pruning (not in the paper): dense training, then cumulative stages
+that prune the lowest-RMS rows×k tiles (``hardware_spec(target).tile``) of each layer, each retrained;
+every stage's accuracy is recorded so the highest tile sparsity within a loss budget can be picked.
 
 Values marked "assumed" are not in the released material (``scalpel-algorithms.md``) and were chosen
 here; everything else is as released.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,7 +24,7 @@ from ..models import DEFAULT_DATASET, canonical_name
 from ..target import HardwareClass, TargetLike, hardware_spec
 from .errors import TrainingError
 from .mask import MaskRule
-from .pruner import GroupConfig, LayerKind, MagnitudeConfig, NodeConfig, PruneConfig
+from .pruner import GroupConfig, LayerKind, MagnitudeConfig, NodeConfig, PruneConfig, TileConfig
 
 
 class StageKind(str, enum.Enum):
@@ -29,6 +33,11 @@ class StageKind(str, enum.Enum):
     RETRAIN = "retrain"  # node masks frozen, weights retrained
     GROUP = "group"  # SIMD-aware stage at a new threshold, then retraining
     MAGNITUDE = "magnitude"  # traditional stage at a new sparsity, then retraining
+    TILE = "tile"  # GPU tile stage at a new per-layer tile sparsity, then retraining
+
+
+#: Stages that start by cutting weights (their ``value`` is the threshold or sparsity).
+WEIGHT_STAGES = (StageKind.GROUP, StageKind.MAGNITUDE, StageKind.TILE)
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class Optim:
 @dataclass(frozen=True)
 class Stage:
     """One stage. ``node_lambda`` is the L1 strength of NODE stages (``node_lambda_linear`` overrides
-    it for Linear layers); ``value`` is the GROUP threshold or the MAGNITUDE sparsity;
+    it for Linear layers); ``value`` is the GROUP threshold, the MAGNITUDE sparsity or the TILE sparsity;
     ``batch_size`` overrides the recipe's for this stage (the lr that works depends on it)."""
 
     kind: StageKind
@@ -61,8 +70,11 @@ class Stage:
             raise TrainingError(f"stage epochs: expected >= 0, found {self.epochs}")
         if self.batch_size is not None and self.batch_size < 1:
             raise TrainingError(f"stage batch_size: expected a positive int or None, found {self.batch_size}")
-        if self.kind in (StageKind.GROUP, StageKind.MAGNITUDE) and self.value is None:
+        if self.kind in WEIGHT_STAGES and self.value is None:
             raise TrainingError(f"a {self.kind.value} stage needs a value (threshold or sparsity)")
+        if self.kind is StageKind.TILE and not 0.0 <= self.value < 1.0:
+            raise TrainingError(f"a tile stage's value is the fraction of each layer's tiles to prune: "
+                                f"expected [0, 1), found {self.value}")
 
     @property
     def label(self) -> str:
@@ -95,7 +107,7 @@ class Recipe:
     data: DataSpec
     stages: tuple[Stage, ...]
     hardware: HardwareClass | None = None
-    #: Target whose SIMD lanes set the group width (a shorthand, tag or target dict).
+    #: Target whose SIMD lanes set the group width, or whose pruning tile sets the tile (GPU).
     target: Any = None
     group_dtype: str = "float32"
     group_kinds: tuple[LayerKind, ...] = (LayerKind.LINEAR, LayerKind.CONV2D)
@@ -114,6 +126,18 @@ class Recipe:
             raise TrainingError(f"recipe {self.name!r} has group stages but no target to take w from")
         return hardware_spec(self.target).lanes(self.group_dtype)
 
+    def tile(self) -> tuple[int, int] | None:
+        """(rows, k) from ``hardware_spec(target).tile`` when the recipe has tile stages."""
+        if not any(s.kind is StageKind.TILE for s in self.stages):
+            return None
+        cfg = self._tile_config()
+        return cfg.rows, cfg.k
+
+    def _tile_config(self) -> TileConfig:
+        if self.target is None:
+            raise TrainingError(f"recipe {self.name!r} has tile stages but no GPU target to take the tile from")
+        return TileConfig.for_target(self.target)
+
     def prune_config(self) -> PruneConfig:
         kinds = {s.kind for s in self.stages}
         w = self.group_width()
@@ -121,6 +145,7 @@ class Recipe:
             node=self.node if (StageKind.NODE in kinds or StageKind.RETRAIN in kinds) else None,
             group=GroupConfig(width=w, kinds=self.group_kinds) if w else None,
             magnitude=self.magnitude if StageKind.MAGNITUDE in kinds else None,
+            tile=self._tile_config() if StageKind.TILE in kinds else None,
         )
 
     def stage_batch_size(self, stage: Stage) -> int:
@@ -212,21 +237,59 @@ def _group_stages(model: str, thresholds: tuple[float, ...] | None = None) -> tu
     return tuple(Stage(StageKind.GROUP, epochs, opt, value=t) for t in thresholds or _SIMD_THRESHOLDS[model])
 
 
+#: GPU tile stages: cumulative fractions of each layer's tiles (assumed; not in the paper).
+_TILE_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+#: VGG16 on Fashion-MNIST padded to 32×32, one input channel (a grey image copied to three channels
+#: adds no information, only conv1_1 work). Assumed: a common CIFAR VGG schedule, shortened.
+_VGG_DENSE = Stage(StageKind.DENSE, 30, Optim(lr=0.05, weight_decay=5e-4, lr_step=10))
+_VGG_TILE_OPT = Optim(lr=0.01, weight_decay=5e-4, lr_step=5)
+_VGG_BATCH = 128
+
+
+def _tile_stages(model: str, dense: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    if model == "vgg16":
+        return tuple(Stage(StageKind.TILE, 10, _VGG_TILE_OPT, value=s) for s in _TILE_SPARSITIES)
+    # as the magnitude recipe: 20 epochs a stage at the dense stage's optimizer
+    return tuple(Stage(StageKind.TILE, 20, dense[0].optim, value=s) for s in _TILE_SPARSITIES)
+
+
 def _data(model: str) -> DataSpec:
     ds = DEFAULT_DATASET[model]
     if ds is None:
         raise TrainingError(f"{model}: no real dataset is available offline to train it on")
     if model == "convnet":
         return DataSpec(ds, pad_to=32, channels=3)
+    if model == "vgg16":
+        return DataSpec(ds, pad_to=32, channels=1)
     return DataSpec(ds)
 
 
 def paper_recipe(model: str, hardware: HardwareClass | str, target: TargetLike | None = None) -> Recipe:
-    """The paper's schedule for ``model`` on ``hardware`` ('mcu', 'cpu', 'gpu', 'magnitude', 'dense')."""
+    """The paper's schedule for ``model`` on ``hardware`` ('mcu', 'cpu', 'gpu', 'magnitude', 'dense'),
+    or GPU tile pruning ('gpu-fine', tile from ``target``, default 'cuda')."""
     model = canonical_name(model)
     hw_name = hardware.value if isinstance(hardware, HardwareClass) else str(hardware).lower()
+    kinds = _MODEL_KINDS.get(model, RECIPE_KINDS)
+    if hw_name not in kinds:
+        raise TrainingError(f"no {hw_name!r} recipe for {model}: expected one of {kinds}")
     data = _data(model)
-    dense = _dense_stages(model)
+    if model == "vgg16":
+        dense: tuple[Stage, ...] = (_VGG_DENSE,)
+        vgg = dict(model_kwargs=(("in_channels", 1),), batch_size=_VGG_BATCH)
+        if hw_name == "dense":
+            return Recipe(f"{model}/dense", model, data, dense, **vgg)
+    else:
+        dense = _dense_stages(model)
+        vgg = {}
+    if hw_name == "gpu-fine":
+        target = "cuda" if target is None else target
+        r = Recipe(f"{model}/gpu-fine", model, data, dense + _tile_stages(model, dense), HardwareClass.GPU,
+                   target, notes="assumed: tile sparsities 0.5/0.7/0.8/0.9, retrained after each", **vgg)
+        try:
+            r.tile()
+        except TrainingError as err:
+            raise TrainingError(f"recipe {r.name}: {err}") from None
+        return r
     beta = {"nin": 0.82, "alexnet": 0.81}.get(model, 0.802)
     node = NodeConfig(rule=MaskRule(beta_max=beta))
     if hw_name == "dense":
@@ -258,11 +321,11 @@ def quick(recipe: Recipe, *, epochs: int = 3, train_subset: int | None = 12000,
     w = 16); at three it ends at 94.4 % with 10 % size.
     """
     stages = []
-    groups = [s for s in recipe.stages if s.kind in (StageKind.GROUP, StageKind.MAGNITUDE)]
+    groups = [s for s in recipe.stages if s.kind in WEIGHT_STAGES]
     keep_groups = set(map(id, groups[:max_group_stages]))
     node_stages = [s for s in recipe.stages if s.kind is StageKind.NODE]
     for s in recipe.stages:
-        if s.kind in (StageKind.GROUP, StageKind.MAGNITUDE) and id(s) not in keep_groups:
+        if s.kind in WEIGHT_STAGES and id(s) not in keep_groups:
             continue
         if s.kind is StageKind.NODE and s is not node_stages[-1]:
             continue
@@ -276,13 +339,30 @@ def quick(recipe: Recipe, *, epochs: int = 3, train_subset: int | None = 12000,
     return replace(recipe, name=f"{recipe.name}/quick", stages=tuple(stages), data=data)
 
 
-TRAINABLE_MODELS = ("lenet-300-100", "lenet-5", "convnet")
-RECIPE_KINDS = ("dense", "mcu", "cpu", "gpu", "magnitude")
+def scale_schedule(recipe: Recipe, factor: float) -> Recipe:
+    """The same recipe with every stage's epochs and lr step scaled by ``factor`` (rounded half up, at
+    least 1): a shortened schedule with the same shape, e.g. for a CPU run of a GPU recipe."""
+    if not factor > 0:
+        raise TrainingError(f"schedule factor: expected a positive number, found {factor}")
+
+    def scale(n: int) -> int:
+        return max(1, int(math.floor(n * factor + 0.5)))
+
+    stages = tuple(replace(s, epochs=scale(s.epochs),
+                           optim=replace(s.optim, lr_step=scale(s.optim.lr_step) if s.optim.lr_step else None))
+                   for s in recipe.stages)
+    return replace(recipe, name=f"{recipe.name}/x{factor:g}", stages=stages)
+
+
+TRAINABLE_MODELS = ("lenet-300-100", "lenet-5", "convnet", "vgg16")
+RECIPE_KINDS = ("dense", "mcu", "cpu", "gpu", "magnitude", "gpu-fine")
+#: Models without the paper's released schedules get only these kinds.
+_MODEL_KINDS = {"vgg16": ("dense", "gpu-fine")}
 
 
 def recipe_names() -> list[str]:
     """Every named recipe; append '/quick' for the quick variant."""
-    return [f"{m}/{k}" for m in TRAINABLE_MODELS for k in RECIPE_KINDS]
+    return [f"{m}/{k}" for m in TRAINABLE_MODELS for k in _MODEL_KINDS.get(m, RECIPE_KINDS)]
 
 
 def get_recipe(name: str, target: TargetLike | None = None) -> Recipe:
@@ -297,5 +377,7 @@ def get_recipe(name: str, target: TargetLike | None = None) -> Recipe:
     model = canonical_name(parts[0])
     if model not in TRAINABLE_MODELS:
         raise TrainingError(f"no recipe for {model!r}: only {TRAINABLE_MODELS} have real data offline")
+    if parts[1] not in _MODEL_KINDS.get(model, RECIPE_KINDS):
+        raise TrainingError(f"no {parts[1]!r} recipe for {model}: it has {_MODEL_KINDS.get(model)}")
     r = paper_recipe(model, parts[1], target)
     return quick(r) if is_quick else r
