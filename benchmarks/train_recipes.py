@@ -3,12 +3,17 @@
     python benchmarks/train_recipes.py                 # every full recipe (hours: LeNet-5 ≈ 5 h, ConvNet ≈ 10 h on 1 core)
     python benchmarks/train_recipes.py --quick         # the quick variants (about a minute each)
     python benchmarks/train_recipes.py --recipes lenet-300-100/cpu lenet-5/simd-w8
+    python benchmarks/train_recipes.py --recipes vgg16/gpu-fine --device cuda      # GPU tile pruning
+    python benchmarks/train_recipes.py --recipes vgg16-tiny/gpu-fine --scale 0.3   # TinyVGG16, 0.3× the epochs
 
 Writes benchmarks/results/training/<recipe>.json (result, plan summary, history, provenance),
 <recipe>.plan.json, and summary.csv; checkpoints go to benchmarks/results/tmp/training/ so an
 interrupted run resumes. ``MODEL/simd-w8`` is the MCU schedule with w from an AVX2 target (8 fp32
 lanes), the width of the issue's SIMD bars. ConvNet runs on Fashion-MNIST padded to 32×32
-(CIFAR-10 is not available offline) and every record says so.
+(CIFAR-10 is not available offline) and every record says so. ``vgg16-tiny`` is VGG16 at width 0.25.
+
+Recipes with GPU tile stages (``MODEL/gpu-fine``) also write <model>_<kind>.{json,md}: accuracy, tile
+sparsity and size after every stage, and the highest tile sparsity within 0.5 points of dense.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tvm_scalpel.target import hardware_spec  # noqa: E402
-from tvm_scalpel.training import get_recipe, quick, run_recipe  # noqa: E402
-from tvm_scalpel.training.recipes import Recipe, paper_recipe  # noqa: E402
+from tvm_scalpel.training import TrainingPlan, get_recipe, quick, run_recipe, scale_schedule  # noqa: E402
+from tvm_scalpel.training.loop import STAGES_DIR  # noqa: E402
+from tvm_scalpel.training.recipes import Recipe, StageKind, paper_recipe  # noqa: E402
 
 logger = logging.getLogger("train_recipes")
 
@@ -45,18 +51,28 @@ BARS = {
     "lenet-5": {"dense": 0.990, "simd_weights": 0.04, "node_conv": 0.50, "cpu_size": 0.0520, "loss": 0.002},
     "convnet": {"dense": 0.90, "cpu_size": 0.4428, "loss": 0.005},
 }
+#: GPU tile pruning: the stage to deploy is the sparsest one within this accuracy loss of dense.
+TILE_LOSS_BUDGET = 0.005
+#: Models the script knows under a second name: (registry model, extra model kwargs).
+VARIANTS = {"vgg16-tiny": ("vgg16", (("width", 0.25),))}
 DEFAULT = [f"{m}/{k}" for m in ("lenet-300-100", "lenet-5", "convnet")
            for k in ("simd-w8", "mcu", "gpu", "cpu", "magnitude")]
 
 
 def resolve(name: str, is_quick: bool, epochs: int = 1, subset: int | None = 12000,
-            group_stages: int = 2) -> Recipe:
+            group_stages: int = 2, scale: float | None = None) -> Recipe:
     model, kind = name.split("/")[:2]
     if kind == "simd-w8":
         r = paper_recipe(model, "mcu", target=AVX2)
         r = replace(r, name=f"{model}/simd-w8", group_dtype="float32")
+    elif model in VARIANTS:
+        base, kwargs = VARIANTS[model]
+        r = get_recipe(f"{base}/{kind}")
+        r = replace(r, name=f"{model}/{kind}", model_kwargs=r.model_kwargs + kwargs)
     else:
         r = get_recipe(f"{model}/{kind}")
+    if scale is not None:
+        r = scale_schedule(r, scale)
     if not is_quick:
         return r
     return quick(r, epochs=epochs, train_subset=subset or None, test_subset=min(subset, 2000) if subset else None,
@@ -107,6 +123,67 @@ def bars_check(recipe: Recipe, res) -> dict:
     return out
 
 
+def tile_report(recipe: Recipe, res, ckpt_dir: Path, record: dict) -> dict:
+    """Per stage: accuracy, loss against dense, tile sparsity and size (from the stage's own plan); and
+    the sparsest tile stage within TILE_LOSS_BUDGET of dense."""
+    stages = res.stages()
+    for row in stages:
+        plan_path = ckpt_dir / STAGES_DIR / f"stage-{row['stage'] + 1:02d}.plan.json"
+        row["size_ratio"] = TrainingPlan.from_json(plan_path.read_text()).size_ratio if plan_path.is_file() else 1.0
+        row["weights"] = str(ckpt_dir / STAGES_DIR / f"stage-{row['stage'] + 1:02d}.pt")
+        row["within_budget"] = row["accuracy_loss"] is not None and row["accuracy_loss"] <= TILE_LOSS_BUDGET
+    tiles = [r for r in stages if r["label"].startswith("tile") and r["within_budget"]]
+    chosen = max(tiles, key=lambda r: r["tile_sparsity"] or 0.0) if tiles else None
+    return {
+        "recipe": recipe.name, "model": recipe.model, "model_kwargs": dict(recipe.model_kwargs),
+        "dataset": f"{recipe.data.name}, padded to {recipe.data.pad_to}x{recipe.data.pad_to}, "
+                   f"{recipe.data.channels} channel(s)",
+        "train_subset": recipe.data.train_subset, "test_subset": recipe.data.test_subset,
+        "tile": list(recipe.tile() or ()), "target": recipe.target, "batch_size": recipe.batch_size,
+        "schedule": [{"label": s.label, "epochs": s.epochs, "lr": s.optim.lr, "lr_step": s.optim.lr_step,
+                      "lr_gamma": s.optim.lr_gamma, "momentum": s.optim.momentum,
+                      "weight_decay": s.optim.weight_decay, "batch_size": recipe.stage_batch_size(s)}
+                     for s in recipe.stages],
+        "dense_accuracy": res.dense_accuracy, "loss_budget": TILE_LOSS_BUDGET, "stages": stages,
+        "chosen_stage": chosen, "final_accuracy": res.final_accuracy,
+        "final_plan_size_ratio": res.plan.size_ratio, "final_tile_sparsity": res.plan.tile_sparsity,
+        "final_weights": str(ckpt_dir / "final_state_dict.pt"), "wall_seconds": res.wall_seconds,
+        "command": record["command"], "device": record["device"], "provenance": record["provenance"],
+    }
+
+
+def tile_markdown(r: dict) -> str:
+    p = r["provenance"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    lines = [
+        f"# {r['recipe']}: GPU tile pruning, accuracy after every stage", "",
+        f"Model `{r['model']}` {r['model_kwargs']}, tile {r['tile'][0]}×{r['tile'][1]} (rows × k, "
+        f"from `hardware_spec({r['target']!r}).tile`), data {r['dataset']} "
+        f"(train subset {r['train_subset'] or 'all'}, test subset {r['test_subset'] or 'all'}).", "",
+        f"Command: `python {r['command']}` on {r['device']}, {p['torch_threads']} torch thread(s), {p['cpu']}; "
+        f"git {p['git_sha'][:12]}{' (dirty tree)' if p['git_dirty'] else ''}, started {p['date']}, "
+        f"wall {r['wall_seconds'] / 60:.1f} min.", "",
+        "| stage | epochs | test accuracy | loss vs dense | tile sparsity (pruned layers) | weights kept | size vs dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in r["stages"]:
+        loss = "-" if s["accuracy_loss"] is None else f"{100 * s['accuracy_loss']:+.2f} pt"
+        lines.append(f"| {s['label']} | {s['epochs']} | {pct(s['test_accuracy'])} | {loss} | "
+                     f"{pct(s['tile_sparsity'])} | {pct(s['weight_density'])} | {pct(s['size_ratio'])} |")
+    c = r["chosen_stage"]
+    lines += ["", (f"Highest tile sparsity within {100 * r['loss_budget']:.1f} points of dense "
+                   f"({pct(r['dense_accuracy'])}): **{c['label']}**, {pct(c['test_accuracy'])}, "
+                   f"{pct(c['tile_sparsity'])} of the tiles pruned, size {pct(c['size_ratio'])} of dense "
+                   f"(weights: `{c['weights']}`)." if c else
+                   f"No tile stage stays within {100 * r['loss_budget']:.1f} points of dense "
+                   f"({pct(r['dense_accuracy'])})."), "",
+              "Schedule (SGD, momentum; lr × gamma every lr_step epochs):", "",
+              "| stage | epochs | lr | lr_step | weight decay | batch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['label']} | {s['epochs']} | {s['lr']:g} | {s['lr_step'] or '-'} | {s['weight_decay']:g} | "
+              f"{s['batch_size']} |" for s in r["schedule"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="run the quick variants")
@@ -114,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="quick: epochs per stage")
     ap.add_argument("--subset", type=int, default=12000, help="quick: training examples (0 = all, full test set)")
     ap.add_argument("--group-stages", type=int, default=2, help="quick: how many group/magnitude stages to keep")
+    ap.add_argument("--scale", type=float, default=None, help="scale every stage's epochs and lr step (e.g. 0.3)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "training")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "training")
@@ -124,15 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.recipes:
-        recipe = resolve(name, args.quick, args.epochs, args.subset, args.group_stages)
+        recipe = resolve(name, args.quick, args.epochs, args.subset, args.group_stages, args.scale)
         slug = recipe.name.replace("/", "__")
         t0 = time.perf_counter()
-        res = run_recipe(recipe, checkpoint_dir=args.checkpoints / slug, resume=not args.no_resume)
+        prov = provenance()  # at the start: the code that trains is the code checked out now
+        res = run_recipe(recipe, checkpoint_dir=args.checkpoints / slug, resume=not args.no_resume,
+                         device=args.device)
+        prov["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        prov["loadavg_end"] = os.getloadavg()
         plan = res.plan
         record = {
             "recipe": recipe.to_dict(), "quick": args.quick, "command": " ".join(sys.argv),
             "dataset": recipe.data.name + (" (CIFAR-10 not available offline)" if recipe.data.name == "fashion-mnist"
-                                           and recipe.model == "convnet" else ""),
+                                           and recipe.model in ("convnet", "vgg16") else ""),
             "dense_accuracy": res.dense_accuracy, "final_accuracy": res.final_accuracy,
             "accuracy_loss": None if res.dense_accuracy is None else res.dense_accuracy - res.final_accuracy,
             "kept_nodes": {lp.name: [len(lp.kept_nodes), lp.num_nodes] for lp in plan.layers},
@@ -142,16 +225,23 @@ def main(argv: list[str] | None = None) -> int:
             "group_width": recipe.group_width(),
             "wall_seconds": res.wall_seconds, "this_process_seconds": time.perf_counter() - t0,
             "bars": bars_check(recipe, res) if not args.quick else "not checked (quick run)",
-            "provenance": provenance(),
+            "device": args.device, "provenance": prov,
             "history": res.to_dict()["history"],
         }
         (args.out / f"{slug}.json").write_text(json.dumps(record, indent=1, default=str))
         (args.out / f"{slug}.plan.json").write_text(plan.to_json())
+        if any(s.kind is StageKind.TILE for s in recipe.stages):
+            stem = args.out / "_".join(name.split("/")[:2])
+            report = tile_report(recipe, res, args.checkpoints / slug, record)
+            stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+            stem.with_suffix(".md").write_text(tile_markdown(report))
+            logger.info("wrote %s.{json,md}", stem)
         rows.append({
             "recipe": recipe.name, "dataset": record["dataset"], "w": record["group_width"],
             "dense_acc": res.dense_accuracy, "final_acc": res.final_accuracy,
             "kept_nodes": " ".join(f"{k}:{a}/{b}" for k, (a, b) in record["kept_nodes"].items()),
             "weight_density": round(plan.weight_density, 5), "size_ratio": round(plan.size_ratio, 5),
+            "tile_sparsity": "" if plan.tile_sparsity is None else round(plan.tile_sparsity, 5),
             "wall_s": round(res.wall_seconds, 1),
         })
         logger.info("%s → %s", recipe.name, rows[-1])
