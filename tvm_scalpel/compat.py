@@ -95,3 +95,26 @@ def ensure_cuda_compiler() -> None:
 
     raise TargetError("building for CUDA needs NVRTC (pip install cuda-bindings) or nvcc on the PATH; "
                       "found neither")
+
+
+def cuda_sources(executable: Any) -> list[str]:
+    """The CUDA C source of every CUDA module a built executable carries (0.27: ``inspect_source()``
+    on the modules under ``executable.mod.imports``)."""
+    sources: list[str] = []
+
+    def walk(m: Any) -> None:
+        if m.kind == "cuda":
+            sources.append(m.inspect_source())
+        for sub in m.imports:
+            walk(sub)
+
+    walk(executable.mod)
+    return sources
+
+
+def compile_ptx(source: str, arch_target: Any) -> bytes:
+    """nvcc's PTX for a CUDA source, for the arch of ``arch_target`` (raises if nvcc rejects it)."""
+    import tvm.support.nvcc as nvcc
+
+    with arch_target:
+        return nvcc.compile_cuda(source, target_format="ptx", compiler="nvcc")

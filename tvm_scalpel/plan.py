@@ -2,7 +2,8 @@
 
 From the hardware class, the measured profile and the group sparsity each layer reached:
 - MCU (low parallelism): SIMD-aware groups everywhere;
-- GPU (high parallelism): node pruning only, every layer stays a dense kernel;
+- GPU (high parallelism): node pruning (dense kernels on shrunk layers); where a layer also has all-zero
+  weight tiles (GPU-aware fine-grain pruning, ``HardwareSpec.tile``) the tile kernel skips them;
 - CPU (moderate): group-sparse kernels where the reached sparsity is at or above the profiled crossover,
   dense (node-pruned) elsewhere.
 ``traditional`` is the paper's baseline instead: CSR wherever a layer has zeros.
@@ -32,6 +33,7 @@ class Method(str, enum.Enum):
     GROUP = "group"  # SIMD-aware weight pruning, group-sparse kernel
     DENSE = "dense"  # node pruning only, dense kernel on the shrunk layer
     CSR = "csr"  # traditional (unstructured) pruning: CSR kernel, one index per weight
+    TILE = "tile"  # GPU-aware fine-grain pruning: tile kernel skipping all-zero weight tiles
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class LayerDecision:
     reached_sparsity: float
     crossover: float | None
     reason: str
+    tile: tuple[int, int] | None = None  # Method.TILE: the (rows, k) pruning tile
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class PruningPlan:
         if len(widths) > 1:
             raise PlanError(f"one group width per plan is supported, found {sorted(widths)}")
         return CompilePlan(group_width=widths.pop() if widths else None, round_to=self.round_to,
-                           layer_thresholds={d.key: 0.0 if d.method is Method.GROUP else _NEVER
+                           layer_thresholds={d.key: 0.0 if d.method in (Method.GROUP, Method.TILE) else _NEVER
                                              for d in self.layers if d.method is not Method.CSR},
                            csr_layers=frozenset(d.key for d in self.layers if d.method is Method.CSR))
 
@@ -66,7 +69,9 @@ class PruningPlan:
     @classmethod
     def from_json(cls, text: str) -> "PruningPlan":
         d = json.loads(text)
-        layers = tuple(LayerDecision(**{**ld, "method": Method(ld["method"])}) for ld in d["layers"])
+        layers = tuple(LayerDecision(**{**ld, "method": Method(ld["method"]),
+                                        "tile": tuple(ld["tile"]) if ld.get("tile") else None})
+                       for ld in d["layers"])
         return cls(hardware_class=HardwareClass(d["hardware_class"]), cpu=d["cpu"], layers=layers,
                    round_to=d.get("round_to", 1))
 
@@ -78,8 +83,7 @@ def _decide(spec: HardwareSpec, shape: LayerShape, reached: float, w: int,
         return LayerDecision(shape.key, Method.GROUP, w, reached, None,
                              f"{shape.key}: MCU, SIMD-aware groups of {w} (reached {reached:.0%})")
     if cls is HardwareClass.GPU:
-        return LayerDecision(shape.key, Method.DENSE, None, reached, None,
-                             f"{shape.key}: GPU, node pruning only (dense kernels)")
+        return _decide_gpu(shape, reached, spec.tile)
     if profile is None:
         raise PlanError("a CPU plan needs a hardware profile (tvm_scalpel.profiling.profile)")
     crossover = profile.for_shape(shape).crossover
@@ -91,6 +95,18 @@ def _decide(spec: HardwareSpec, shape: LayerShape, reached: float, w: int,
                              f"{shape.key}: sparse wins from {crossover:.0%}, reached {reached:.0%}")
     return LayerDecision(shape.key, Method.DENSE, None, reached, crossover,
                          f"{shape.key}: sparse wins from {crossover:.0%}, reached only {reached:.0%}")
+
+
+def _decide_gpu(shape: LayerShape, zero_tiles: float, tile: tuple[int, int]) -> LayerDecision:
+    from .passes.rewrite_tile_sparse import DEFAULT_MIN_SPARSITY_CONV, DEFAULT_MIN_SPARSITY_FC
+
+    threshold = DEFAULT_MIN_SPARSITY_CONV if shape.kind == "conv2d" else DEFAULT_MIN_SPARSITY_FC
+    if zero_tiles > 0 and zero_tiles >= threshold:
+        return LayerDecision(shape.key, Method.TILE, None, zero_tiles, threshold,
+                             f"{shape.key}: GPU, tile kernel skips {zero_tiles:.0%} zero {tile[0]}x{tile[1]} tiles",
+                             tile=tile)
+    return LayerDecision(shape.key, Method.DENSE, None, zero_tiles, threshold,
+                         f"{shape.key}: GPU, dense kernel ({zero_tiles:.0%} zero tiles)")
 
 
 def traditional(mod: tvm.IRModule, spec: HardwareSpec, round_to: int = 1) -> PruningPlan:
@@ -128,15 +144,15 @@ def decide(mod: tvm.IRModule, spec: HardwareSpec, profile: HardwareProfile | Non
     w = w or spec.lanes("int16" if cls is HardwareClass.MCU else "float32")
     decisions = []
     for shape, weight in layers_with_weights(mod, round_to):
-        reached = float(1.0 - formats.group_mask(weight, w).mean())
-        decisions.append(_decide(spec, shape, reached, w, profile))
+        kept = formats.tile_mask(weight, *spec.tile) if cls is HardwareClass.GPU else formats.group_mask(weight, w)
+        decisions.append(_decide(spec, shape, float(1.0 - kept.mean()), w, profile))
     return PruningPlan(hardware_class=cls, cpu=spec.cpu, layers=tuple(decisions), round_to=round_to)
 
 
 def stored_weight_bytes(mod: tvm.IRModule, plan: PruningPlan | None = None) -> int:
     """Bytes of every constant weight as ``plan`` compiles it (after dead nodes are folded): dense
-    values, group-sparse values + one index per group + row pointers, or CSR values + one index per
-    weight + row pointers. Without a plan every layer is dense."""
+    values, group-sparse values + one index per group + row pointers, tile values + one index per tile
+    + row pointers, or CSR values + one index per weight + row pointers. Without a plan every layer is dense."""
     round_to = plan.round_to if plan is not None else 1
     layers = layers_with_weights(mod, round_to)
     decisions = plan.layers if plan is not None else (None,) * len(layers)
@@ -150,6 +166,8 @@ def stored_weight_bytes(mod: tvm.IRModule, plan: PruningPlan | None = None) -> i
             total += formats.dense_bytes(weight)
         elif d.method is Method.CSR:
             total += formats.encode_csr(weight).sizes().total
+        elif d.method is Method.TILE:
+            total += formats.encode_tiles(weight, *d.tile).sizes().total
         else:
             total += formats.encode(weight, d.group_width).sizes().total
     return total

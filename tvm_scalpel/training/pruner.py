@@ -457,10 +457,11 @@ class Pruner:
                                     f"{list(layers)} (first conv, classifier and layers under two tile "
                                     "columns stay dense)")
             per_layer = {n: float(v) for n, v in sparsity.items()}
-            self.tile_sparsity_target = dict(per_layer)
         else:
             per_layer = {n: float(sparsity) for n in layers}
-            self.tile_sparsity_target = float(sparsity)
+        values = list(sparsity.values()) if isinstance(sparsity, Mapping) else [sparsity]
+        if not all(0.0 <= float(v) < 1.0 for v in values):  # checked before any mask changes
+            raise TrainingError(f"tile sparsity: expected a fraction in [0, 1) per layer, found {sparsity}")
         for name, value in per_layer.items():
             wc, rows, cols = self._compact(name)
             keep = rules.tile_keep(wc, cfg.rows, cfg.k, value)
@@ -468,6 +469,7 @@ class Pruner:
             if name in self.weight_masks:
                 mask &= self.weight_masks[name]
             self.weight_masks[name] = mask
+        self.tile_sparsity_target = dict(per_layer) if isinstance(sparsity, Mapping) else float(sparsity)
         self.apply_weight_masks()
         logger.info("tile sparsity %s (%dx%d): %.4f of the tiles pruned, weight density %.4f",
                     sparsity, cfg.rows, cfg.k, self.tile_sparsity() or 0.0, self.weight_density())
