@@ -87,7 +87,8 @@ def _parser():
         "scalpel profile lenet-300-100 --target host", [common, timing])
     c = add("train", "train the dense model (reference: recipe MODEL/dense, or --recipe KIND)",
             "scalpel train lenet-300-100 --quick", [common, user])
-    c.add_argument("--recipe", default="dense", help="recipe kind: dense, cpu, gpu, mcu, magnitude")
+    c.add_argument("--recipe", default="dense", help="recipe kind: dense, cpu, gpu, mcu, magnitude, "
+                   "gpu-fine (GPU tile pruning; with --target cuda)")
     c = add("prune", "prune with the target's Scalpel recipe or traditional magnitude pruning; writes OUT/<model>-<method>.onnx",
             "scalpel prune lenet-300-100 --quick --method traditional", [common, user])
     c.add_argument("--method", choices=("scalpel", "traditional"), default="scalpel")
