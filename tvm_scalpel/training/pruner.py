@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .. import formats
-from ..models.base import NodePoint
 from ..errors import TargetError
+from ..models.base import NodePoint
 from ..target import TargetLike, hardware_spec
 from . import rules
 from .errors import TrainingError
@@ -450,18 +450,16 @@ class Pruner:
             raise TrainingError("prune_tiles: freeze the node masks first (freeze_nodes()); "
                                 "tiles are cut in the node-pruned weight")
         layers = self.tile_layers()
-        if isinstance(sparsity, Mapping):
-            unknown = sorted(set(sparsity) - set(layers))
-            if unknown:
-                raise TrainingError(f"tile sparsity for {unknown}: not tile-pruned layers; expected some of "
-                                    f"{list(layers)} (first conv, classifier and layers under two tile "
-                                    "columns stay dense)")
-            per_layer = {n: float(v) for n, v in sparsity.items()}
-        else:
-            per_layer = {n: float(sparsity) for n in layers}
-        values = list(sparsity.values()) if isinstance(sparsity, Mapping) else [sparsity]
-        if not all(0.0 <= float(v) < 1.0 for v in values):  # checked before any mask changes
+        per_layer = ({n: float(v) for n, v in sparsity.items()} if isinstance(sparsity, Mapping)
+                     else {n: float(sparsity) for n in layers})
+        # every check before any mask changes
+        if not all(0.0 <= v < 1.0 for v in (per_layer.values() if isinstance(sparsity, Mapping) else [sparsity])):
             raise TrainingError(f"tile sparsity: expected a fraction in [0, 1) per layer, found {sparsity}")
+        unknown = sorted(set(per_layer) - set(layers))
+        if unknown:
+            raise TrainingError(f"tile sparsity for {unknown}: not tile-pruned layers; expected some of "
+                                f"{list(layers)} (first conv, classifier and layers under two tile "
+                                "columns stay dense)")
         for name, value in per_layer.items():
             wc, rows, cols = self._compact(name)
             keep = rules.tile_keep(wc, cfg.rows, cfg.k, value)
