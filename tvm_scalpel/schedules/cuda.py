@@ -65,6 +65,24 @@ def _load_a(A, layout: str, k: int, n: int, kk, c):
     return T.if_then_else(inside, A[T.min(c, n - 1), T.min(kk, k - 1)], T.float32(0))
 
 
+def _kernel(name: str, rows: int, kt: int, mb: int, a_shape: tuple, out_shape: tuple, body) -> tirx.PrimFunc:
+    """The PrimFunc every tile kernel shares: (values, tile columns, row pointers, A) → out; ``body`` is
+    the GPU or emulated macro."""
+
+    @T.prim_func
+    def kernel(v_h: T.handle, i_h: T.handle, p_h: T.handle, a_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        NT = T.int32()
+        V = T.match_buffer(v_h, (NT, rows, kt), F32)
+        I = T.match_buffer(i_h, (NT,), "int32")
+        P = T.match_buffer(p_h, (mb + 1,), "int32")
+        A = T.match_buffer(a_h, a_shape, F32)
+        O = T.match_buffer(o_h, out_shape, F32)
+        body(V, I, P, A, O)
+
+    return kernel
+
+
 def tile_gemm(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "kn", *,
               emulate: bool = False) -> tirx.PrimFunc:
     """Tile-sparse W[m, k] times A (layout ``layout``) for n > GEMV_MAX_N columns."""
@@ -117,15 +135,8 @@ def tile_gemm(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "kn",
         for i, jj in T.grid(_TM, tn):
             acc[i, jj] = T.float32(0)
 
-    @T.prim_func
-    def gpu(v_h: T.handle, i_h: T.handle, p_h: T.handle, a_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": "tile_gemm", "tir.noalias": True})
-        NT = T.int32()
-        V = T.match_buffer(v_h, (NT, rows, kt), F32)
-        I = T.match_buffer(i_h, (NT,), "int32")
-        P = T.match_buffer(p_h, (mb + 1,), "int32")
-        A = T.match_buffer(a_h, a_shape, F32)
-        O = T.match_buffer(o_h, out_shape, F32)
+    @T.macro
+    def gpu(V, I, P, A, O):
         for bx in T.thread_binding(nb, thread="blockIdx.x"):
             for by in T.thread_binding(mb, thread="blockIdx.y"):
                 for ty in T.thread_binding(ty_n, thread="threadIdx.y"):
@@ -141,15 +152,8 @@ def tile_gemm(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "kn",
                             T.tvm_storage_sync("shared")
                         store(O, acc, by, bx, ty, tx)
 
-    @T.prim_func
-    def emulated(v_h: T.handle, i_h: T.handle, p_h: T.handle, a_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": "tile_gemm", "tir.noalias": True})
-        NT = T.int32()
-        V = T.match_buffer(v_h, (NT, rows, kt), F32)
-        I = T.match_buffer(i_h, (NT,), "int32")
-        P = T.match_buffer(p_h, (mb + 1,), "int32")
-        A = T.match_buffer(a_h, a_shape, F32)
-        O = T.match_buffer(o_h, out_shape, F32)
+    @T.macro
+    def emulated(V, I, P, A, O):
         for bx in range(nb):
             for by in range(mb):
                 Ws = T.decl_buffer((rows, kt), F32)
@@ -168,7 +172,7 @@ def tile_gemm(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "kn",
                     acc = T.decl_buffer((_TM, tn), F32, data=accs.data, elem_offset=(ty * _TX + tx) * _TM * tn)
                     store(O, acc, by, bx, ty, tx)
 
-    return emulated if emulate else gpu
+    return _kernel("tile_gemm", rows, kt, mb, a_shape, out_shape, emulated if emulate else gpu)
 
 
 def tile_gemv(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "nk", *,
@@ -207,15 +211,8 @@ def tile_gemv(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "nk",
                 else:
                     O[c, by * rows + ty] = s[0]
 
-    @T.prim_func
-    def gpu(v_h: T.handle, i_h: T.handle, p_h: T.handle, a_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": "tile_gemv", "tir.noalias": True})
-        NT = T.int32()
-        V = T.match_buffer(v_h, (NT, rows, kt), F32)
-        I = T.match_buffer(i_h, (NT,), "int32")
-        P = T.match_buffer(p_h, (mb + 1,), "int32")
-        A = T.match_buffer(a_h, a_shape, F32)
-        O = T.match_buffer(o_h, out_shape, F32)
+    @T.macro
+    def gpu(V, I, P, A, O):
         for by in T.thread_binding(mb, thread="blockIdx.x"):
             for ty in T.thread_binding(rows, thread="threadIdx.y"):
                 for tx in T.thread_binding(kt, thread="threadIdx.x"):
@@ -226,15 +223,8 @@ def tile_gemv(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "nk",
                     T.tvm_storage_sync("shared")
                     reduce(Red, O, by, ty, tx)
 
-    @T.prim_func
-    def emulated(v_h: T.handle, i_h: T.handle, p_h: T.handle, a_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": "tile_gemv", "tir.noalias": True})
-        NT = T.int32()
-        V = T.match_buffer(v_h, (NT, rows, kt), F32)
-        I = T.match_buffer(i_h, (NT,), "int32")
-        P = T.match_buffer(p_h, (mb + 1,), "int32")
-        A = T.match_buffer(a_h, a_shape, F32)
-        O = T.match_buffer(o_h, out_shape, F32)
+    @T.macro
+    def emulated(V, I, P, A, O):
         for by in range(mb):
             Red = T.decl_buffer((rows, n, kt), F32)
             for ty, tx in T.grid(rows, kt):
@@ -244,7 +234,7 @@ def tile_gemv(m: int, k: int, n: int, tile: tuple[int, int], layout: str = "nk",
             for ty, tx in T.grid(rows, kt):
                 reduce(Red, O, by, ty, tx)
 
-    return emulated if emulate else gpu
+    return _kernel("tile_gemv", rows, kt, mb, a_shape, out_shape, emulated if emulate else gpu)
 
 
 def tile_matmul(m: int, k: int, n: int, tile: tuple[int, int], layout: str, *,
