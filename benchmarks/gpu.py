@@ -40,27 +40,18 @@ LAYER_MODELS = ("vgg16", "lenet-5", "convnet", "nin", "alexnet")
 
 
 def _gemm_shapes(name: str, batch: int) -> list[dict]:
-    """(layer, m, k, n, layout) of every weighted layer of a reference model at ``batch``."""
+    """(layer key, m, k, n, layout) of every layer RewriteTileSparse puts on a tile kernel, at ``batch``
+    (profiling.layers_with_weights: the layers the passes see after node folding)."""
     import torch
+    from tvm.relax.frontend.torch import from_exported_program
 
     from tvm_scalpel.models import build_model
+    from tvm_scalpel.profiling import layers_with_weights
 
     model = build_model(name).eval()
-    shapes, hooks = [], []
-    for lname, layer in model.named_modules():
-        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)) and getattr(layer, "groups", 1) == 1:
-            def hook(mod, _inp, out, lname=lname):
-                if isinstance(mod, torch.nn.Conv2d):
-                    m, k = mod.out_channels, mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
-                    shapes.append(dict(layer=lname, m=m, k=k, n=batch * out.shape[2] * out.shape[3], layout="kn"))
-                else:
-                    shapes.append(dict(layer=lname, m=mod.out_features, k=mod.in_features, n=batch, layout="nk"))
-            hooks.append(layer.register_forward_hook(hook))
-    with torch.no_grad():
-        model(model.example_input(1))
-    for h in hooks:
-        h.remove()
-    return shapes
+    mod = from_exported_program(torch.export.export(model, (model.example_input(batch),)))
+    return [dict(layer=shape.key, m=shape.m, k=shape.k, n=shape.n, layout="kn" if shape.kind == "conv2d" else "nk")
+            for shape, _ in layers_with_weights(mod)]
 
 
 def _export_kernels(out: Path, spec) -> list[dict]:
