@@ -1,9 +1,9 @@
 """The one build flow: ``pipeline(target)`` as ``tvm.compile(mod, target, relax_pipeline=...)``, or
 ``build(mod, target)`` in one call.
 
-CPU (llvm): FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
+CPU (llvm): SplitGroupedConv → FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
 → ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
-kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): FoldNodeMasks → RewriteTileSparse (our
+kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): SplitGroupedConv → FoldNodeMasks → RewriteTileSparse (our
 tiled kernels for every conv and tile-sparse Linear, skipping pruned tiles) → TVM's CUDA pipeline (dlight
 schedules the rest). Cortex-M: ``build`` hands over to ``tvm_scalpel.micro`` (int16,
 TVM-generated plain C per layer, a generated driver; no Relax VM on the board).
@@ -25,6 +25,7 @@ from .passes.rewrite_dense import DenseConfig, RewriteDense
 from .passes.rewrite_group_sparse import GroupSparseConfig, RewriteGroupSparse
 from .passes.rewrite_tile_sparse import RewriteTileSparse, TileSparseConfig
 from .passes.schedule_remaining import ScheduleRemaining
+from .passes.split_grouped_conv import SplitGroupedConv
 from .target import HardwareClass, TargetLike, hardware_spec
 
 
@@ -54,7 +55,7 @@ class CompilePlan:
 def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transform.Pass:
     spec = hardware_spec(target)
     plan = plan or CompilePlan()
-    fold = FoldNodeMasks(FoldConfig(round_to=plan.round_to))
+    split, fold = SplitGroupedConv(), FoldNodeMasks(FoldConfig(round_to=plan.round_to))
     if spec.hardware_class is HardwareClass.GPU:
         if plan.csr_layers:
             raise PlanError(f"CompilePlan.csr_layers {sorted(plan.csr_layers)}: CSR kernels exist for CPU "
@@ -63,7 +64,7 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
             raise PlanError(f"CompilePlan.group_width={plan.group_width}: a CUDA target prunes in tiles of "
                             f"{spec.tile} (HardwareSpec.tile), not SIMD groups; drop group_width")
         tiles = RewriteTileSparse(TileSparseConfig(spec, layers=plan.layer_thresholds))
-        return tvm.transform.Sequential([fold, tiles, relax.get_default_pipeline(spec.target)], name="scalpel_gpu")
+        return tvm.transform.Sequential([split, fold, tiles, relax.get_default_pipeline(spec.target)], name="scalpel_gpu")
     if spec.hardware_class is not HardwareClass.CPU:
         raise TargetError(f"tvm_scalpel.pipeline: {spec.cpu} is a microcontroller, which runs no Relax VM and so "
                           "has no Relax pipeline; expected a CPU (llvm) or CUDA target, or use "
@@ -72,6 +73,7 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
 
     target_obj = spec.target
     ours = [
+        split,
         fold,
         RewriteCSR(CSRConfig(spec, layers=plan.csr_layers)),
         RewriteGroupSparse(GroupSparseConfig(spec, width=plan.group_width, layers={

@@ -219,11 +219,12 @@ def layer_shapes(mod: tvm.IRModule, round_to: int = 1) -> list[LayerShape]:
 
 def layers_with_weights(mod: tvm.IRModule, round_to: int = 1) -> list[tuple[LayerShape, np.ndarray]]:
     """(kernel shape, 2-D weight flattened per filter) of every constant-weight Linear / Conv2d, after
-    FoldNodeMasks (the layers the kernels will run)."""
+    SplitGroupedConv and FoldNodeMasks (the layers the kernels will run)."""
     from .passes._layers import Conv2d, LayerRewriter, Linear
     from .passes.fold_node_masks import FoldConfig, FoldNodeMasks
+    from .passes.split_grouped_conv import SplitGroupedConv
 
-    mod = FoldNodeMasks(FoldConfig(round_to=round_to))(mod)
+    mod = FoldNodeMasks(FoldConfig(round_to=round_to))(SplitGroupedConv()(mod))
 
     found: list[LayerShape] = []
     weights: list[np.ndarray] = []
