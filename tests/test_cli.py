@@ -220,3 +220,34 @@ def test_seed_makes_training_reproducible(scalpel, tiny_net, tmp_path):
         weights.append(torch.load(tmp_path / run / "tiny_net-dense.pt"))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_structure_only_nin_compiles_the_released_structure(scalpel, tmp_path):
+    """NIN has no data here: `compile` builds the paper's structure on random weights (seeded)."""
+    from tvm_scalpel import hardware_spec
+    from tvm_scalpel.released import apply_structure, released_structure
+
+    so = tmp_path / "nin.so"
+    rc, stdout, err = scalpel("compile", "nin", "--quick", "--out", tmp_path, "--seed", "3", "-o", so)
+    assert rc == 0, err
+    plan = json.loads(so.with_suffix(".plan.json").read_text())
+    structure = released_structure("nin", hardware_spec("host").lanes())
+    kept = list(structure.kept_nodes.values())
+    assert [d["key"] for d in plan["layers"]][:2] == [f"conv2d:{kept[0]}x3x5x5", f"conv2d:{kept[1]}x{kept[0]}x1x1"]
+    assert {d["method"] for d in plan["layers"]} == {"dense"}  # node pruning only: no zero groups left
+    torch.manual_seed(3)
+    net = apply_structure(build_model("nin").eval(), structure)
+    x = torch.randn(1, 3, 32, 32)
+    np.testing.assert_allclose(_vm_out(_load_vm(so), x.numpy()), net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_structure_only_models_cannot_be_trained(scalpel, tmp_path):
+    rc, _, err = scalpel("train", "alexnet", "--out", tmp_path)
+    assert rc == 2 and "alexnet" in err
+
+
+@pytest.mark.parametrize("rpc, expected", [("nonsense", "expected HOST:PORT:KEY"),
+                                           ("127.0.0.1:1:nokey", "rpc_server --tracker")])
+def test_rpc_option_errors_say_what_is_expected(scalpel, tmp_path, rpc, expected):
+    rc, _, err = scalpel("profile", "lenet-300-100", "--quick", "--batches", "1", "--out", tmp_path, "--rpc", rpc)
+    assert rc == 2 and expected in err

@@ -71,6 +71,9 @@ def _parser():
     timing = argparse.ArgumentParser(add_help=False)
     timing.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     timing.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    timing.add_argument("--rpc", default=None, metavar="HOST:PORT:KEY",
+                        help="profile kernels on the device registered under KEY with the TVM RPC tracker at "
+                             "HOST:PORT (python -m tvm.exec.rpc_tracker / rpc_server); default: this machine")
     user = argparse.ArgumentParser(add_help=False)
     user.add_argument("--epochs", type=int, default=2, help="epochs for a Python-file model (recipes set their own)")
     user.add_argument("--lr", type=float, default=0.01, help="SGD learning rate for a Python-file model")
@@ -210,6 +213,9 @@ def _variants(args, spec, source, methods, train: bool):
         for m in methods:
             model = _user_model(args, source, m)
             variants[m] = wrap(m, model, evaluate(model, test)[1], origin=str(source.path))
+    elif _structure_only(source):
+        shape = tuple(source.torch_model().input_shape)
+        variants, test = _structure_variants(args, spec, source, methods, wrap), None
     else:
         shape = tuple(source.torch_model().input_shape)
         results = {m: _recipe_result(args, _recipe_name(source.name, m, spec, args.quick), train)
@@ -234,6 +240,31 @@ def _variants(args, spec, source, methods, train: bool):
     return {m: variants[m] for m in methods}, test, shape, dense_bytes
 
 
+def _structure_only(source) -> bool:
+    from .released import has_released_structure
+
+    return source.kind == "reference" and has_released_structure(source.name)
+
+
+def _structure_variants(args, spec, source, methods, wrap) -> dict:
+    """NIN / AlexNet: the paper's released structure on random weights (tvm_scalpel.released); timing
+    and size only, no accuracy."""
+    import torch
+
+    from .released import apply_structure, magnitude_like, released_structure
+
+    torch.manual_seed(args.seed)
+    dense = source.torch_model()
+    structure = released_structure(source.name, spec.lanes("int16" if spec.hardware_class.value == "mcu"
+                                                           else "float32"))
+    scalpel = apply_structure(dense, structure)
+    models = {"dense": dense, "scalpel": scalpel, "traditional": magnitude_like(dense, scalpel)}
+    origin = {"dense": "random weights", "scalpel": "released structure on random weights: " + "; ".join(structure.notes),
+              "traditional": "magnitude pruning of the random dense weights to the Scalpel model's nonzero count per layer"}
+    logger.info("%s: structure only (no data to train on here): %s", source.name, origin["scalpel"])
+    return {m: wrap(m, models[m], None, trained=False, origin=origin[m]) for m in methods}
+
+
 def _plan_for(args, method: str, mod, spec):
     from .plan import all_dense, decide, traditional
     from .target import HardwareClass
@@ -251,8 +282,32 @@ def _profile(args, spec, mod):
     from .profiling import layer_shapes, profile
 
     sparsities = (0.0, 0.5, 0.7, 0.9) if args.quick else (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-    return profile(spec, layer_shapes(mod), cache_dir=os.path.join(args.out, "profiles"),
+    runner, where = _rpc_runner(args)
+    return profile(spec, layer_shapes(mod), cache_dir=os.path.join(args.out, where), runner=runner,
                    sparsities=sparsities, number=10 if args.quick else 20, repeat=5)
+
+
+def _rpc_runner(args):
+    """(runner, profile cache folder): the RPC device named by --rpc (one session per command), or None
+    and 'profiles' for this machine. A remote device's profiles are cached apart from local ones."""
+    from .errors import TargetError
+    from .profiling import RPCRunner
+
+    if not getattr(args, "rpc", None):
+        return None, "profiles"
+    if getattr(args, "_rpc_runner", None) is None:
+        host, port, key = ([""] * 3 + args.rpc.rsplit(":", 2))[-3:]
+        if not host or not port.isdigit() or not key:
+            raise TargetError(f"--rpc: expected HOST:PORT:KEY (the tracker's address and the device key), "
+                              f"found {args.rpc!r}")
+        try:
+            args._rpc_runner = RPCRunner(host, int(port), key)
+        except Exception as err:  # tvm raises TVMError/RuntimeError/OSError for an unreachable tracker
+            raise TargetError(f"--rpc {args.rpc}: no device {key!r} from the tracker at {host}:{port} ({err}); "
+                              "start one with `python -m tvm.exec.rpc_tracker --port PORT` and "
+                              "`python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY`") from None
+        logger.info("profiling on the RPC device %r (tracker %s:%s)", key, host, port)
+    return args._rpc_runner, "profiles-rpc-" + args.rpc.rsplit(":", 1)[-1]
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -360,6 +415,9 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
     if source.kind == "onnx":
         notes.append("ONNX model: every variant compiles the same weights (dense = dense kernels, dead nodes "
                      "folded); no data, so no accuracy and no PyTorch eager columns")
+    if _structure_only(source):
+        notes.append("structure only: random weights with the paper's released pruned structure; timing and size "
+                     "are measured, no accuracy is claimed (the model's dataset is not available here)")
     if test is not None and source.kind == "reference":
         notes.append(f"data: {test.name} test split, {len(test)} images")
     return {"model": source.name, "source": source.kind, "target": spec.cpu, "quick": bool(args.quick),
