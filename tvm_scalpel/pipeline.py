@@ -116,4 +116,7 @@ def build(mod: tvm.IRModule, target: TargetLike, plan: CompilePlan | None = None
         ensure_cuda_compiler()
         if tgt.host is None:
             tgt = tvm.target.Target(tgt, host={"kind": "llvm"})
-    return tvm.compile(mod, tgt, relax_pipeline=pipeline(target, plan))
+        return tvm.compile(mod, tgt, relax_pipeline=pipeline(target, plan))
+    # CPU: the VM's instructions compiled to native code ("compiled") instead of interpreted bytecode: about
+    # 1 us less per call, a fifth of the pruned LeNet-300-100's 5.8 us at batch 1 (measured here).
+    return relax.build(mod, tgt, relax_pipeline=pipeline(target, plan), exec_mode="compiled")
