@@ -116,7 +116,6 @@ def build(mod: tvm.IRModule, target: TargetLike, plan: CompilePlan | None = None
         ensure_cuda_compiler()
         if tgt.host is None:
             tgt = tvm.target.Target(tgt, host={"kind": "llvm"})
-        return tvm.compile(mod, tgt, relax_pipeline=pipeline(target, plan))
-    # CPU: the VM's instructions compiled to native code ("compiled") instead of interpreted bytecode: about
-    # 1 us less per call, a fifth of the pruned LeNet-300-100's 5.8 us at batch 1 (measured here).
-    return relax.build(mod, tgt, relax_pipeline=pipeline(target, plan), exec_mode="compiled")
+    # (relax.build's exec_mode="compiled" was tried for CPU: 1 us faster per call alone, but 10-14 us slower
+    # per call interleaved with PyTorch in `scalpel bench`; the bytecode VM is kept.)
+    return tvm.compile(mod, tgt, relax_pipeline=pipeline(target, plan))
