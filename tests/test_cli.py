@@ -242,8 +242,9 @@ def test_structure_only_nin_compiles_the_released_structure(scalpel, tmp_path):
 
 
 def test_structure_only_models_cannot_be_trained(scalpel, tmp_path):
-    rc, _, err = scalpel("train", "alexnet", "--out", tmp_path)
-    assert rc == 2 and "alexnet" in err
+    for cmd in ("train", "prune"):
+        rc, _, err = scalpel(cmd, "alexnet", "--out", tmp_path)
+        assert rc == 2 and "alexnet has no training recipe" in err and "released structure" in err
 
 
 @pytest.mark.parametrize("rpc, expected", [("nonsense", "expected HOST:PORT:KEY"),

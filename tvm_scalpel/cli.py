@@ -151,6 +151,13 @@ def _recipe_result(args, name: str, train: bool):
     from .errors import ScalpelError
     from .training import get_recipe, run_recipe
 
+    model = name.split("/")[0]
+    from .released import has_released_structure
+
+    if has_released_structure(model):
+        raise ScalpelError(f"{model} has no training recipe here (its dataset is not available offline); "
+                           f"`scalpel run|bench|compile {model}` use the paper's released structure on random "
+                           "weights (tvm_scalpel.released): latency and size, no accuracy")
     recipe = get_recipe(name, target=_target(args.target))  # first: says which models have recipes
     ckpt = Path(args.out) / "checkpoints" / _slug(name)
     if not train and not (ckpt / "final_state_dict.pt").is_file():
