@@ -134,14 +134,22 @@ def _sparse(O: int, K: int, N: int, P: int, shift: int, relu: bool, cfg: KernelC
         for u in T.unroll(n):
             acc[u] = b[o]
         gi[0] = rows[o]
+        xb: T.let[T.handle(dtype)] = T.address_of(x[p0 * K])  # the block's first pixel, once per row
+        xblk = T.decl_buffer((n * K,), dtype, data=xb)
         while gi[0] + _sparse_unroll(n, cfg) <= rows[o + 1]:
             for j in T.unroll(_sparse_unroll(n, cfg)):
+                # One pointer to the group's column in the block's first pixel: the other pixels are
+                # constant offsets from it (an immediate in each load), not an add per pixel.
+                q: T.let[T.handle(dtype)] = T.address_of(xblk[T.Cast("int32", cols[gi[0] + j])])
+                xq = T.decl_buffer(((n - 1) * K + 1,), dtype, data=q)
                 for u in T.unroll(n):
-                    acc[u] = mac(acc[u], vals[gi[0] + j], x[(p0 + u) * K + T.Cast("int32", cols[gi[0] + j])])
+                    acc[u] = mac(acc[u], vals[gi[0] + j], xq[u * K])
             gi[0] = gi[0] + _sparse_unroll(n, cfg)
         while gi[0] < rows[o + 1]:
+            q1: T.let[T.handle(dtype)] = T.address_of(xblk[T.Cast("int32", cols[gi[0]])])
+            xq1 = T.decl_buffer(((n - 1) * K + 1,), dtype, data=q1)
             for u in T.unroll(n):
-                acc[u] = mac(acc[u], vals[gi[0]], x[(p0 + u) * K + T.Cast("int32", cols[gi[0]])])
+                acc[u] = mac(acc[u], vals[gi[0]], xq1[u * K])
             gi[0] = gi[0] + 1
         for u in T.unroll(n):
             y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
