@@ -397,9 +397,7 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
             if m in variants and variants[m].torch is not None:
                 timed.append(bench.Variant(key=(f"torch-{m}", batch),
                                            fn=lambda f=variants[m].torch, x=xtorch: _eager(f, x)))
-    logger.info("timing %d variants x %d rounds, interleaved", len(timed), args.rounds)
-    bench.run_interleaved(timed, args.rounds, cold=False, seed=args.seed)
-    med = {v.key: bench.stats_us(v.warm) for v in timed}
+    med, med_eager = _time_groups(timed, args)
     rows = []
     names = [*variants] + [f"torch-{m}" for m in ("dense", "scalpel") if m in variants and variants[m].torch is not None]
     for name in names:
@@ -408,13 +406,17 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
         row.update(name=name, accuracy=base.accuracy if base else None, origin=base.source if base else "")
         if name.startswith("torch-"):
             row["size_percent"] = 100.0  # eager PyTorch stores every weight dense, zeros included
+        group = med_eager if name.startswith("torch-") else med  # (a torch row's ratios: in its own group)
         for b in args.batches:
-            s = med[(name, b)]
+            s = group[(name, b)]
             row["latency"][str(b)] = s
-            if ("dense", b) in med:
-                row["speedup_vs_dense"][str(b)] = med[("dense", b)]["median_us"] / s["median_us"]
-            if ("torch-dense", b) in med:
-                row["speedup_vs_torch"][str(b)] = med[("torch-dense", b)]["median_us"] / s["median_us"]
+            if ("dense", b) in group:
+                row["speedup_vs_dense"][str(b)] = group[("dense", b)]["median_us"] / s["median_us"]
+            if ("torch-dense", b) in med_eager:
+                row["speedup_vs_torch"][str(b)] = (med_eager[("torch-dense", b)]["median_us"]
+                                                   / med_eager[(name, b)]["median_us"])
+            if not name.startswith("torch-") and med_eager:
+                row.setdefault("latency_interleaved_with_torch", {})[str(b)] = med_eager[(name, b)]
         if name in variants and variants[name].trained and test is not None:
             row["compiled_accuracy"] = _compiled_accuracy(vms[(name, max(args.batches))], test, max(args.batches))
         rows.append(row)
@@ -425,12 +427,38 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
     if _structure_only(source):
         notes.append("structure only: random weights with the paper's released pruned structure; timing and size "
                      "are measured, no accuracy is claimed (the model's dataset is not available here)")
+    if med_eager:
+        notes.append("timing: our compiled models interleaved among themselves (latency, speedup vs our dense); "
+                     "PyTorch eager in a second interleaved group with the compiled models again (speedup vs "
+                     "torch). PyTorch's threads slow small compiled models interleaved with it (report.json: "
+                     "latency_interleaved_with_torch)")
     if test is not None and source.kind == "reference":
         notes.append(f"data: {test.name} test split, {len(test)} images")
     return {"model": source.name, "source": source.kind, "target": spec.cpu, "quick": bool(args.quick),
             "batches": list(args.batches), "rounds": args.rounds, "seed": args.seed,
             "torch_threads": torch.get_num_threads(), "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
             "provenance": bench.provenance(spec.to_dict()["target"]), "notes": notes, "variants": rows}
+
+
+def _time_groups(timed: list, args) -> tuple[dict, dict]:
+    """Medians by key: the compiled variants interleaved among themselves, then PyTorch eager interleaved
+    with fresh copies of the compiled ones (the vs-torch ratios). Separate groups because PyTorch's
+    threads slow what runs between its calls: the pruned LeNet-300-100 went from 3.7 to 6.0 us per call
+    interleaved with eager PyTorch (2.5 ms samples of back-to-back calls)."""
+    from . import bench
+
+    compiled = [v for v in timed if not str(v.key[0]).startswith("torch-")]
+    eager = [v for v in timed if str(v.key[0]).startswith("torch-")]
+    logger.info("timing %d compiled variants x %d rounds, interleaved", len(compiled), args.rounds)
+    bench.run_interleaved(compiled, args.rounds, cold=False, seed=args.seed)
+    med = {v.key: bench.stats_us(v.warm) for v in compiled}
+    if not eager:
+        return med, {}
+    again = [bench.Variant(key=v.key, fn=v.fn) for v in compiled] + eager
+    logger.info("timing PyTorch eager with the compiled variants: %d x %d rounds, interleaved", len(again),
+                args.rounds)
+    bench.run_interleaved(again, args.rounds, cold=False, seed=args.seed)
+    return med, {v.key: bench.stats_us(v.warm) for v in again}
 
 
 def _eager(model, x):
