@@ -261,3 +261,31 @@ def test_structure_only_models_cannot_be_trained(scalpel, tmp_path):
 def test_rpc_option_errors_say_what_is_expected(scalpel, tmp_path, rpc, expected):
     rc, _, err = scalpel("profile", "lenet-300-100", "--quick", "--batches", "1", "--out", tmp_path, "--rpc", rpc)
     assert rc == 2 and expected in err
+
+
+def test_fine_grain_gpu_pruning_prunes_and_compiles_for_cuda(scalpel, tmp_path):
+    """`prune --method fine` trains the gpu-fine recipe (quick: 32x8 tiles); `compile --method fine` builds
+    a CUDA .so whose plan puts the tile kernel on the layers with zero tiles."""
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: the CUDA build needs it (CUDA toolkit)")
+    rc, out, err = scalpel("prune", "lenet-300-100", "--target", "cuda", "--method", "fine", "--quick", "--out", tmp_path)
+    assert rc == 0, err
+    assert "lenet-300-100/gpu-fine/quick" in out and (tmp_path / "lenet-300-100-fine.onnx").is_file()
+    rc, out, err = scalpel("compile", "lenet-300-100", "--target", "cuda", "--method", "fine", "--quick", "--out", tmp_path)
+    assert rc == 0, err
+    plan = json.loads((tmp_path / "lenet-300-100-fine-b1.plan.json").read_text())
+    methods = [d["method"] for d in plan["layers"]]
+    assert methods[:2] == ["tile", "tile"] and all(d["tile"] == [32, 8] for d in plan["layers"][:2])
+    assert all(d["reached_sparsity"] > 0.3 for d in plan["layers"][:2])
+    assert (tmp_path / "lenet-300-100-fine-b1.so").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (("prune", "lenet-300-100", "--method", "fine"), "expected a CUDA target"),
+    (("compile", "lenet-300-100", "--method", "fine", "--target", "cortex-m4"), "expected a CUDA target"),
+])
+def test_fine_grain_pruning_needs_a_gpu_target(scalpel, tmp_path, argv, expected):
+    rc, _, err = scalpel(*argv, "--out", tmp_path)
+    assert rc == 2 and expected in err

@@ -11,6 +11,8 @@ examples:
   scalpel compile pruned.onnx --method traditional     # from an ONNX file's weights alone
   scalpel prune lenet-300-100 --target cortex-m4 --quick   # SIMD-aware pairs (w = 2, int16 SMLAD)
   scalpel compile lenet-300-100 --target cortex-m4 --quick # int16 C project + Makefile, run on QEMU
+  scalpel prune vgg16 --target cuda --method fine --device cuda  # GPU tile pruning (Choi & Yang), on a GPU
+  scalpel compile vgg16 --target cuda --method fine        # .so whose kernels skip the pruned 32x8 tiles
   scalpel bench lenet-300-100 --quick                  # time the pruned models already in --out
   scalpel bench my_net.py --batches 1 8                # a Python file defining model() and data()
   scalpel report scalpel-out other-out                 # re-render report.md + PNGs from report.json
@@ -77,6 +79,7 @@ def _parser():
     user = argparse.ArgumentParser(add_help=False)
     user.add_argument("--epochs", type=int, default=2, help="epochs for a Python-file model (recipes set their own)")
     user.add_argument("--lr", type=float, default=0.01, help="SGD learning rate for a Python-file model")
+    user.add_argument("--device", default="cpu", help="torch device for training reference recipes, e.g. cuda")
     sub = p.add_subparsers(dest="cmd", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -94,11 +97,14 @@ def _parser():
                    "gpu-fine (GPU tile pruning; with --target cuda)")
     c = add("prune", "prune with the target's Scalpel recipe or traditional magnitude pruning; writes OUT/<model>-<method>.onnx",
             "scalpel prune lenet-300-100 --quick --method traditional", [common, user])
-    c.add_argument("--method", choices=("scalpel", "traditional"), default="scalpel")
+    c.add_argument("--method", choices=("scalpel", "traditional", "fine"), default="scalpel",
+                   help="scalpel: the target's recipe; traditional: magnitude pruning; fine: GPU-aware "
+                        "fine-grain (tile) pruning, with --target cuda")
     c.add_argument("--sparsity", type=float, default=0.9, help="zero fraction to reach (Python-file models)")
     c = add("compile", "compile the pruned model for the target; writes the deployable artefact",
             "scalpel compile lenet-300-100 --quick -o lenet.so", [common])
-    c.add_argument("--method", choices=METHODS, default="scalpel")
+    c.add_argument("--method", choices=(*METHODS, "fine"), default="scalpel",
+                   help="fine: the tile-pruned model (prune --method fine), with --target cuda")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("-o", "--output", default=None, help="artefact path (default OUT/<model>-<method>-b<batch>.so; "
                    "a folder OUT/<model>-<method>-<cpu> for a microcontroller)")
@@ -142,7 +148,8 @@ def _slug(recipe_name: str) -> str:
 
 
 def _recipe_name(model: str, method: str, spec, quick: bool) -> str:
-    kind = {"scalpel": spec.hardware_class.value, "traditional": "magnitude", "dense": "dense"}.get(method, method)
+    kind = {"scalpel": spec.hardware_class.value, "traditional": "magnitude", "dense": "dense",
+            "fine": "gpu-fine"}.get(method, method)
     return f"{model}/{kind}" + ("/quick" if quick else "")
 
 
@@ -169,7 +176,7 @@ def _recipe_result(args, name: str, train: bool):
     if recipe.seed != args.seed:
         recipe = replace(recipe, seed=args.seed)
     logger.info("recipe %s (checkpoints %s)", name, ckpt)
-    return recipe, run_recipe(recipe, checkpoint_dir=ckpt)
+    return recipe, run_recipe(recipe, checkpoint_dir=ckpt, device=getattr(args, "device", "cpu"))
 
 
 def _user_file(args, source, method: str) -> Path:
@@ -579,6 +586,7 @@ def cmd_prune(args) -> int:
     from .training import GroupConfig, MagnitudeConfig, PruneConfig, prepare
 
     source, spec = resolve(args.model), _spec(args)
+    _check_fine(args, spec, source)
     if source.kind == "onnx":
         raise _source_error(f"{args.model}: an ONNX model is taken as already pruned; `scalpel compile` or "
                             "`scalpel bench` it, or prune its PyTorch model (reference name or Python file)")
@@ -666,11 +674,27 @@ def _compile_micro(args, spec, source, variant, batch: int, test) -> Path:
     return path
 
 
+def _check_fine(args, spec, source) -> None:
+    """--method fine is GPU tile pruning: a CUDA target and a reference model with a gpu-fine recipe."""
+    from .errors import TargetError
+    from .target import HardwareClass
+
+    if args.method != "fine":
+        return
+    if spec.hardware_class is not HardwareClass.GPU:
+        raise TargetError(f"--method fine prunes whole weight tiles that a GPU kernel skips; expected a CUDA "
+                          f"target (--target cuda), found {spec.hardware_class.value} ({spec.cpu})")
+    if source.kind != "reference":
+        raise _source_error(f"--method fine trains the reference models' gpu-fine recipes; {args.model} is a "
+                            f"{source.kind} model (use --method scalpel or traditional)")
+
+
 def cmd_compile(args) -> int:
     from .sources import resolve
     from .target import HardwareClass
 
     source, spec = resolve(args.model), _spec(args)
+    _check_fine(args, spec, source)
     compilers = {HardwareClass.CPU: _compile_shared_library, HardwareClass.GPU: _compile_shared_library,
                  HardwareClass.MCU: _compile_micro}
     compile_fn = compilers[spec.hardware_class]
