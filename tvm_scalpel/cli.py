@@ -156,11 +156,10 @@ def _recipe_name(model: str, method: str, spec, quick: bool) -> str:
 def _recipe_result(args, name: str, train: bool):
     """Train or resume a recipe in OUT/checkpoints/<slug>; without ``train`` it must be finished."""
     from .errors import ScalpelError
+    from .released import has_released_structure
     from .training import get_recipe, run_recipe
 
     model = name.split("/")[0]
-    from .released import has_released_structure
-
     if has_released_structure(model):
         raise ScalpelError(f"{model} has no training recipe here (its dataset is not available offline); "
                            f"`scalpel run|bench|compile {model}` use the paper's released structure on random "
@@ -266,10 +265,11 @@ def _structure_variants(args, spec, source, methods, wrap) -> dict:
     import torch
 
     from .released import apply_structure, magnitude_like, released_structure
+    from .target import HardwareClass
 
     torch.manual_seed(args.seed)
     dense = source.torch_model()
-    structure = released_structure(source.name, spec.lanes("int16" if spec.hardware_class.value == "mcu"
+    structure = released_structure(source.name, spec.lanes("int16" if spec.hardware_class is HardwareClass.MCU
                                                            else "float32"))
     scalpel = apply_structure(dense, structure)
     models = {"dense": dense, "scalpel": scalpel, "traditional": magnitude_like(dense, scalpel)}
