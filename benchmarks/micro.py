@@ -92,7 +92,7 @@ def _trained(name: str, quick: QuickSettings | None, train: bool) -> tuple[Recip
         if not train:
             raise SystemExit(f"{name}: not trained yet ({ckpt}); run without --no-train or "
                              f"python benchmarks/train_recipes.py --recipes {name.removesuffix('/quick')}")
-        run_recipe(recipe, checkpoint_dir=ckpt)
+        run_recipe(recipe, checkpoint_dir=ckpt, share_from=folder)
     ck = torch.load(ckpt / "checkpoint.pt", weights_only=False)
     if ck["fingerprint"] != recipe_fingerprint(recipe):
         logger.warning("%s: trained under another revision of the recipe definition (%s)", name, ck["fingerprint"])

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         prov = provenance()  # at the start: the code that trains is the code checked out now
         res = run_recipe(recipe, checkpoint_dir=args.checkpoints / slug, resume=not args.no_resume,
-                         device=args.device)
+                         device=args.device, share_from=args.checkpoints)  # a model's recipes share dense stages
         prov["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         prov["loadavg_end"] = os.getloadavg()
         plan = res.plan

@@ -174,3 +174,33 @@ def test_lenet300_learns_real_mnist_in_one_epoch():
     r = replace(r, data=replace(r.data, train_subset=10000, test_subset=2000))
     res = run_recipe(r)
     assert res.dense_accuracy > 0.9 and res.final_accuracy == res.dense_accuracy
+
+
+def test_recipes_share_their_dense_stages_exactly(tmp_path):
+    """A recipe whose leading dense stages another recipe already trained (same model, seed, data and dense
+    schedule) starts after them and ends exactly where training them itself would have."""
+    torch.set_num_threads(1)
+    a = _tiny_recipe()
+    b = replace(a, name="tiny/dense-then-group", stages=(a.stages[0], a.stages[-1]))
+    sets = (_synthetic(512, 0), _synthetic(128, 1))
+    scratch = run_recipe(b, data=sets, checkpoint_dir=tmp_path / "alone" / "b")
+    run_recipe(a, data=sets, checkpoint_dir=tmp_path / "shared" / "a", share_from=tmp_path / "shared")
+    assert (tmp_path / "shared" / "a" / "stages" / "stage-01.state.pt").is_file()
+    records = []
+    shared = run_recipe(b, data=sets, checkpoint_dir=tmp_path / "shared" / "b", share_from=tmp_path / "shared",
+                        on_epoch=records.append)
+    assert [r.stage for r in records] == [1] * b.stages[1].epochs  # the dense stage was not trained again
+    assert [h.test_accuracy for h in shared.history] == [h.test_accuracy for h in scratch.history]
+    assert shared.dense_accuracy == scratch.dense_accuracy
+    for k, v in scratch.model.state_dict().items():
+        assert torch.equal(v, shared.model.state_dict()[k]), k
+    assert (tmp_path / "shared" / "b" / "stages" / "stage-01.pt").is_file()
+    # Another seed, or other data, is another dense stage: trained, not shared.
+    records.clear()
+    run_recipe(replace(b, seed=1), data=sets, checkpoint_dir=tmp_path / "shared" / "seed1",
+               share_from=tmp_path / "shared", on_epoch=records.append)
+    assert records[0].stage == 0
+    records.clear()
+    run_recipe(b, data=(_synthetic(512, 5), sets[1]), checkpoint_dir=tmp_path / "shared" / "data5",
+               share_from=tmp_path / "shared", on_epoch=records.append)
+    assert records[0].stage == 0

@@ -175,7 +175,8 @@ def _recipe_result(args, name: str, train: bool):
     if recipe.seed != args.seed:
         recipe = replace(recipe, seed=args.seed)
     logger.info("recipe %s (checkpoints %s)", name, ckpt)
-    return recipe, run_recipe(recipe, checkpoint_dir=ckpt, device=getattr(args, "device", "cpu"))
+    return recipe, run_recipe(recipe, checkpoint_dir=ckpt, device=getattr(args, "device", "cpu"),
+                              share_from=ckpt.parent)  # the model's other recipes' dense stages are reused
 
 
 def _user_file(args, source, method: str) -> Path:

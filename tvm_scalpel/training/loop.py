@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STAGES_DIR = "stages"
+STATE_SUFFIX = ".state.pt"  # stages/stage-NN.state.pt: what another recipe needs to continue from stage NN
 
 
 @dataclass(frozen=True)
@@ -171,12 +173,52 @@ def _begin_stage(pruner: Pruner, stage: Stage) -> None:
         pruner.prune_tiles(float(stage.value))
 
 
-def _save_stage(pruner: Pruner | None, model: nn.Module, out: Path, si: int, recipe: Recipe, hw: Any) -> None:
-    """The model as stage ``si`` left it: finalized weights (CPU) and, when pruning, the plan."""
+def _data_key(train: Any, test: Any) -> str:
+    """Hash of the training and test sets as the loop sees them (pixels, labels, normalisation)."""
+    h = hashlib.sha256()
+    for part in (train, test):
+        for name in ("images", "labels", "x", "y"):
+            t = getattr(part, name, None)
+            if isinstance(t, torch.Tensor):
+                h.update(name.encode() + t.contiguous().cpu().numpy().tobytes())
+        h.update(repr([getattr(part, a, None) for a in ("mean", "std", "pad_to", "channels")]).encode())
+    return h.hexdigest()[:16]
+
+
+def dense_prefix_key(recipe: Recipe, n: int, data_key: str) -> str | None:
+    """Key of the model after the recipe's first ``n`` stages when they are all dense (else None): the
+    same model, seed, data and dense schedule give the same weights and data order, whatever follows."""
+    prefix = recipe.stages[:n]
+    if not prefix or any(s.kind is not StageKind.DENSE for s in prefix):
+        return None
+    d = recipe.to_dict()
+    payload = {"model": d["model"], "model_kwargs": d["model_kwargs"], "seed": d["seed"], "data": data_key,
+               "stages": d["stages"][:n], "batch": [recipe.stage_batch_size(st) for st in prefix]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _shared_prefix(recipe: Recipe, share_from: Path, data_key: str) -> tuple[int, Path] | None:
+    """The longest run of leading dense stages another recipe under ``share_from`` already trained."""
+    for n in range(len(recipe.stages), 0, -1):
+        key = dense_prefix_key(recipe, n, data_key)
+        if key is None:
+            continue
+        for state in sorted(Path(share_from).glob(f"*/{STAGES_DIR}/stage-{n:02d}{STATE_SUFFIX}")):
+            if torch.load(state, weights_only=False)["key"] == key:
+                return n, state
+    return None
+
+
+def _save_stage(pruner: Pruner | None, model: nn.Module, out: Path, si: int, recipe: Recipe, hw: Any,
+                state: dict | None = None) -> None:
+    """The model as stage ``si`` left it: finalized weights (CPU) and, when pruning, the plan; after a
+    run of dense stages also ``state`` (data-order RNG, history) so other recipes can start from it."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"stage-{si + 1:02d}"
     if pruner is None:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stem.with_suffix(".pt"))
+        if state is not None:
+            torch.save(state, out / f"{stem.name}{STATE_SUFFIX}")
         return
     final, plan = pruner.finalize(recipe=f"{recipe.name}@stage{si + 1}", hardware=hw)
     torch.save({k: v.cpu() for k, v in final.state_dict().items()}, stem.with_suffix(".pt"))
@@ -186,13 +228,16 @@ def _save_stage(pruner: Pruner | None, model: nn.Module, out: Path, si: int, rec
 def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resume: bool = True,
                data: tuple[ImageSet, ImageSet] | None = None,
                on_epoch: Callable[[EpochRecord], None] | None = None,
-               device: str | torch.device = "cpu") -> TrainResult:
+               device: str | torch.device = "cpu", share_from: str | Path | None = None) -> TrainResult:
     """Train ``recipe`` on ``device`` and return the finalized model (on the CPU) with its plan.
 
     ``data`` injects (train, test) sets (tests use small ones); otherwise the recipe's real dataset
     is loaded. With ``checkpoint_dir`` a checkpoint is written after every epoch and, with
     ``resume``, training continues from it (only if the recipe is the same); every stage's end is
-    kept in ``checkpoint_dir/stages/stage-NN.{pt,plan.json}``.
+    kept in ``checkpoint_dir/stages/stage-NN.{pt,plan.json}``. ``share_from``: a folder of other
+    recipes' checkpoint folders; a fresh run whose leading dense stages one of them already trained
+    (same model, seed, data and dense schedule: ``dense_prefix_key``) starts after them, exactly as if
+    it had trained them itself (the LeNet-5 recipes share their 60 dense epochs).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -231,6 +276,26 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
         elapsed_before = ck["elapsed"]
         gen.set_state(ck["rng"])
         logger.info("%s: resuming at stage %d epoch %d from %s", recipe.name, start_stage, start_epoch, ckpt_path)
+    data_key = _data_key(train, test) if ckpt_path is not None else ""
+    if share_from is not None and ckpt_path is not None and start_stage == start_epoch == 0:
+        shared = _shared_prefix(recipe, Path(share_from), data_key)
+        if shared is not None:
+            start_stage, state_path = shared
+            state = torch.load(state_path, weights_only=False)
+            model.load_state_dict(torch.load(state_path.parent / f"stage-{start_stage:02d}.pt", map_location=device))
+            gen.set_state(state["rng"])
+            history = [EpochRecord(**h) for h in state["history"]]
+            if start_stage < len(recipe.stages) and recipe.stages[start_stage].kind is not StageKind.DENSE:
+                dense_acc = history[-1].test_accuracy
+            own = ckpt_path.parent / STAGES_DIR
+            own.mkdir(parents=True, exist_ok=True)
+            for i in range(1, start_stage + 1):  # every stage's end stays in this recipe's own folder
+                for suffix in (".pt", STATE_SUFFIX):
+                    src = state_path.parent / f"stage-{i:02d}{suffix}"
+                    if src.is_file() and src.parent != own:
+                        shutil.copyfile(src, own / src.name)
+            logger.info("%s: stages 1-%d shared with %s (same dense schedule, data and seed)", recipe.name,
+                        start_stage, state_path.parent.parent)
 
     for si in range(start_stage, len(recipe.stages)):
         stage = recipe.stages[si]
@@ -275,7 +340,10 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
             if ckpt_path is not None:
                 last = epoch + 1 == stage.epochs
                 if last:  # before the checkpoint that marks the stage done, so a resume never lacks it
-                    _save_stage(pruner, model, ckpt_path.parent / STAGES_DIR, si, recipe, hw)
+                    key = dense_prefix_key(recipe, si + 1, data_key)
+                    state = None if key is None else {"key": key, "recipe": recipe.name, "rng": gen.get_state(),
+                                                      "history": [dataclasses.asdict(h) for h in history]}
+                    _save_stage(pruner, model, ckpt_path.parent / STAGES_DIR, si, recipe, hw, state)
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({
                     "recipe": recipe.name, "fingerprint": fingerprint,
