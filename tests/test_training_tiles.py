@@ -280,6 +280,7 @@ def test_gpu_fine_run_records_every_stage(tmp_path):
     stage2 = TrainingPlan.from_json((tmp_path / "stages" / "stage-02.plan.json").read_text())
     assert stage2.tile_sparsity == rows[1]["tile_sparsity"] and stage2.recipe == f"{r.name}@stage2"
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == [
-        "stage-01.pt", "stage-02.plan.json", "stage-02.pt", "stage-03.plan.json", "stage-03.pt"]
+        "stage-01.pt", "stage-01.state.pt",  # the dense stage's state: other recipes may start from it
+        "stage-02.plan.json", "stage-02.pt", "stage-03.plan.json", "stage-03.pt"]
     w3 = torch.load(tmp_path / "stages" / "stage-03.pt")
     assert torch.equal(w3["fc1.weight"], res.model.fc1.weight)

@@ -209,6 +209,23 @@ def _shared_prefix(recipe: Recipe, share_from: Path, data_key: str) -> tuple[int
     return None
 
 
+def _start_after_shared(n: int, state_path: Path, model: nn.Module, gen: torch.Generator,
+                        own: Path) -> tuple[int, list[EpochRecord]]:
+    """Load another recipe's model, data-order RNG and history after its dense stage ``n``, and copy
+    its stage ends 1..n into this recipe's own stages folder (every stage's end stays there)."""
+    state = torch.load(state_path, weights_only=False)
+    model.load_state_dict(torch.load(state_path.parent / f"stage-{n:02d}.pt",
+                                     map_location=next(model.parameters()).device))
+    gen.set_state(state["rng"])
+    own.mkdir(parents=True, exist_ok=True)
+    for i in range(1, n + 1):
+        for suffix in (".pt", STATE_SUFFIX):
+            src = state_path.parent / f"stage-{i:02d}{suffix}"
+            if src.is_file() and src.parent != own:
+                shutil.copyfile(src, own / src.name)
+    return n, [EpochRecord(**h) for h in state["history"]]
+
+
 def _save_stage(pruner: Pruner | None, model: nn.Module, out: Path, si: int, recipe: Recipe, hw: Any,
                 state: dict | None = None) -> None:
     """The model as stage ``si`` left it: finalized weights (CPU) and, when pruning, the plan; after a
@@ -280,22 +297,11 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
     if share_from is not None and ckpt_path is not None and start_stage == start_epoch == 0:
         shared = _shared_prefix(recipe, Path(share_from), data_key)
         if shared is not None:
-            start_stage, state_path = shared
-            state = torch.load(state_path, weights_only=False)
-            model.load_state_dict(torch.load(state_path.parent / f"stage-{start_stage:02d}.pt", map_location=device))
-            gen.set_state(state["rng"])
-            history = [EpochRecord(**h) for h in state["history"]]
+            start_stage, history = _start_after_shared(*shared, model, gen, ckpt_path.parent / STAGES_DIR)
             if start_stage < len(recipe.stages) and recipe.stages[start_stage].kind is not StageKind.DENSE:
                 dense_acc = history[-1].test_accuracy
-            own = ckpt_path.parent / STAGES_DIR
-            own.mkdir(parents=True, exist_ok=True)
-            for i in range(1, start_stage + 1):  # every stage's end stays in this recipe's own folder
-                for suffix in (".pt", STATE_SUFFIX):
-                    src = state_path.parent / f"stage-{i:02d}{suffix}"
-                    if src.is_file() and src.parent != own:
-                        shutil.copyfile(src, own / src.name)
             logger.info("%s: stages 1-%d shared with %s (same dense schedule, data and seed)", recipe.name,
-                        start_stage, state_path.parent.parent)
+                        start_stage, shared[1].parent.parent)
 
     for si in range(start_stage, len(recipe.stages)):
         stage = recipe.stages[si]
