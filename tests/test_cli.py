@@ -289,3 +289,21 @@ def test_fine_grain_gpu_pruning_prunes_and_compiles_for_cuda(scalpel, tmp_path):
 def test_fine_grain_pruning_needs_a_gpu_target(scalpel, tmp_path, argv, expected):
     rc, _, err = scalpel(*argv, "--out", tmp_path)
     assert rc == 2 and expected in err
+
+
+def test_progress_bars_follow_rounds_and_epochs():
+    """The CLI's bars: one tick per timing round; a resumed or shared run places the epoch bar part-way."""
+    from tvm_scalpel import bench
+
+    ticks = []
+    variants = [bench.Variant(key=(k,), fn=lambda: None) for k in "ab"]
+    bench.run_interleaved(variants, 4, cold=False, on_round=ticks.append)
+    assert ticks == [1, 2, 3, 4] and all(len(v.warm) == 4 for v in variants)
+
+    from types import SimpleNamespace
+
+    from tvm_scalpel.training import get_recipe
+
+    recipe = get_recipe("lenet-5/cpu")  # dense 60, then four node stages of 60: resumed in the second stage
+    assert [cli._epochs_done(recipe, SimpleNamespace(stage=s, epoch=e)) for s, e in ((1, 3), (2, 1))] == [63, 121]
+    assert cli._epochs_done(recipe, SimpleNamespace(stage=len(recipe.stages) - 1, epoch=60)) == recipe.total_epochs

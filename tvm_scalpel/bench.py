@@ -98,13 +98,15 @@ class Variant:
         self.number = max(1, min(200, int(target_s / once)))
 
 
-def run_interleaved(variants: list[Variant], rounds: int, cold: bool, seed: int = 0) -> None:
-    """Time every variant once per round, in a shuffled order each round (A B C, C A B, ...)."""
+def run_interleaved(variants: list[Variant], rounds: int, cold: bool, seed: int = 0,
+                    on_round: Callable[[int], object] | None = None) -> None:
+    """Time every variant once per round, in a shuffled order each round (A B C, C A B, ...);
+    ``on_round(done)`` after each round (progress)."""
     flush = CacheFlusher() if cold else None
     rng = np.random.default_rng(seed)
     for v in variants:
         v.calibrate()
-    for _ in range(rounds):
+    for r in range(rounds):
         for i in rng.permutation(len(variants)):
             v = variants[i]
             v.fn()
@@ -117,6 +119,8 @@ def run_interleaved(variants: list[Variant], rounds: int, cold: bool, seed: int 
                 t0 = time.perf_counter()
                 v.fn()
                 v.cold.append(time.perf_counter() - t0)
+        if on_round is not None:
+            on_round(r + 1)
 
 
 def stats_us(samples: list[float]) -> dict:

@@ -175,8 +175,27 @@ def _recipe_result(args, name: str, train: bool):
     if recipe.seed != args.seed:
         recipe = replace(recipe, seed=args.seed)
     logger.info("recipe %s (checkpoints %s)", name, ckpt)
-    return recipe, run_recipe(recipe, checkpoint_dir=ckpt, device=getattr(args, "device", "cpu"),
-                              share_from=ckpt.parent)  # the model's other recipes' dense stages are reused
+    with _bar(recipe.total_epochs, f"train {recipe.name}", "epoch") as bar:
+        def on_epoch(rec):  # a resumed or shared run starts part-way: place the bar, then advance it
+            bar.update(_epochs_done(recipe, rec) - bar.n)
+            bar.set_postfix_str(f"{rec.stage_label} test {100 * rec.test_accuracy:.2f}%")
+
+        result = run_recipe(recipe, checkpoint_dir=ckpt, device=getattr(args, "device", "cpu"),
+                            share_from=ckpt.parent,  # the model's other recipes' dense stages are reused
+                            on_epoch=on_epoch)
+    return recipe, result
+
+
+def _epochs_done(recipe, rec) -> int:
+    """Epochs of ``recipe`` done once the epoch ``rec`` reports has run."""
+    return sum(s.epochs for s in recipe.stages[:rec.stage]) + rec.epoch
+
+
+def _bar(total: int, desc: str, unit: str):
+    """A progress bar on stderr when it is a terminal (tqdm hides itself otherwise: logs stay clean)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
 
 
 def _user_file(args, source, method: str) -> Path:
@@ -297,9 +316,18 @@ def _profile(args, spec, mod):
     from .profiling import layer_shapes, profile
 
     sparsities = (0.0, 0.5, 0.7, 0.9) if args.quick else (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+    from .profiling import measure_layer
+
     runner, where = _rpc_runner(args)
-    return profile(spec, layer_shapes(mod), cache_dir=os.path.join(args.out, where), runner=runner,
-                   sparsities=sparsities, number=10 if args.quick else 20, repeat=5)
+    shapes = layer_shapes(mod)
+    with _bar(len(set(shapes)), "profile layer shapes", "shape") as bar:
+        def measure(*a, **kw):  # called for the shapes the cache does not hold
+            out = measure_layer(*a, **kw)
+            bar.update()
+            return out
+
+        return profile(spec, shapes, cache_dir=os.path.join(args.out, where), runner=runner, measure=measure,
+                       sparsities=sparsities, number=10 if args.quick else 20, repeat=5)
 
 
 def _rpc_runner(args):
@@ -458,14 +486,16 @@ def _time_groups(timed: list, args) -> tuple[dict, dict]:
     compiled = [v for v in timed if not str(v.key[0]).startswith("torch-")]
     eager = [v for v in timed if str(v.key[0]).startswith("torch-")]
     logger.info("timing %d compiled variants x %d rounds, interleaved", len(compiled), args.rounds)
-    bench.run_interleaved(compiled, args.rounds, cold=False, seed=args.seed)
+    with _bar(args.rounds, "time compiled variants", "round") as bar:
+        bench.run_interleaved(compiled, args.rounds, cold=False, seed=args.seed, on_round=lambda r: bar.update())
     med = {v.key: bench.stats_us(v.warm) for v in compiled}
     if not eager:
         return med, {}
     again = [bench.Variant(key=v.key, fn=v.fn) for v in compiled] + eager
     logger.info("timing PyTorch eager with the compiled variants: %d x %d rounds, interleaved", len(again),
                 args.rounds)
-    bench.run_interleaved(again, args.rounds, cold=False, seed=args.seed)
+    with _bar(args.rounds, "time with PyTorch eager", "round") as bar:
+        bench.run_interleaved(again, args.rounds, cold=False, seed=args.seed, on_round=lambda r: bar.update())
     return med, {v.key: bench.stats_us(v.warm) for v in again}
 
 
