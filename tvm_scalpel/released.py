@@ -29,8 +29,13 @@ from . import formats
 from .errors import ScalpelError
 from .models import build_model, canonical_name
 
-# Released kept neurons (scalpel-algorithms.md §2) and the paper's CPU sizes (§5), % of dense incl. indices.
-RELEASED_NODES = {"alexnet": {"fc6": 3001, "fc7": 3029}, "nin": {}}
+# Nodes kept by the released Scalpel code (scalpel-algorithms.md §2), by layer name of our models (NIN:
+# none released), and the paper's CPU sizes (§5), % of dense incl. indices.
+RELEASED_NODES = {
+    "lenet-5": {"conv1": 9, "conv2": 18, "fc1": 65},
+    "convnet": {"conv1": 28, "conv2": 22, "conv3": 40},
+    "alexnet": {"fc6": 3001, "fc7": 3029},
+}
 PAPER_CPU_SIZE = {"alexnet": 13.06, "nin": 81.16}
 GROUP_LAYERS = {"alexnet": ("fc6", "fc7", "fc8"), "nin": ()}
 
@@ -118,7 +123,7 @@ def released_structure(model_name: str, w: int) -> ReleasedStructure:
         raise StructureError(f"{model_name}: no released structure; expected one of {sorted(PAPER_CPU_SIZE)} "
                              "(the other reference models are trained with their recipes)")
     model, target = build_model(name), PAPER_CPU_SIZE[name]
-    released, group_layers = RELEASED_NODES[name], GROUP_LAYERS[name]
+    released, group_layers = RELEASED_NODES.get(name, {}), GROUP_LAYERS[name]
     if group_layers:
         kept = _kept_counts(model, 1.0, released)
         sparsity = _bisect(lambda s: _size_percent(model, kept, w, group_layers, s), 0.0, 1.0, target, False)
