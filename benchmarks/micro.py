@@ -1,6 +1,8 @@
-"""Scalpel on an emulated Cortex-M4 (QEMU mps2-an386): executed instructions, flash, RAM, accuracy.
+"""Scalpel on an emulated Cortex-M4 (QEMU mps2-an386) or Cortex-M55 (mps3-an547): executed instructions,
+flash, RAM, accuracy.
 
     python benchmarks/micro.py                         # LeNet-300-100 and LeNet-5, full recipes (trains if needed)
+    python benchmarks/micro.py --board cortex-m55 --models lenet-300-100 --no-train   # Helium, w = 8
     python benchmarks/micro.py --quick                 # the quick recipes (minutes)
     python benchmarks/micro.py --models lenet-300-100 --no-train
     python benchmarks/micro.py --models lenet-300-100 lenet-5 convnet --quick-models lenet-5 convnet
@@ -8,10 +10,12 @@
 
 Per model, three int16 builds by the same flow (tvm_scalpel.micro: TVM-generated C, arm-none-eabi-gcc
 -O2 -funroll-loops, the same driver):
-- dense:       the dense architecture, every weight, SMLAD on int16 pairs (the baseline);
+- dense:       the dense architecture, every weight, the board's SIMD MAC (the baseline): SMLAD on int16
+               pairs (M4) or VMLADAVA on eight int16 (M55);
 - traditional: the magnitude-pruned model (Han et al.), CSR: an index per weight, no SIMD;
-- Scalpel:     the SIMD-aware pruned model (MCU recipe, w = 2 from hardware_spec('cortex-m4')),
-               one index per kept pair, SMLAD; per layer group-sparse or dense, whichever runs fewer
+- Scalpel:     the SIMD-aware pruned model (MCU recipe, w = hardware_spec(board).lanes('int16'): 2 on the
+               M4, 8 on the M55, whose schedule is train_recipes.py's MODEL/simd-w8), one index per kept
+               group, one SIMD MAC per group; per layer group-sparse or dense, whichever runs fewer
                instructions when the layer is built alone and run on the board (micro.measure_layers).
 Each variant is built under every code-shape setting of micro.GRID (explicit unroll 1/4/8, USAT/SSAT or
 compare-and-select saturation) and keeps its fewest instructions; all counts are recorded. Every build
@@ -19,7 +23,7 @@ runs the first test images on QEMU; outputs must equal the numpy int16 reference
 bit, and the Scalpel build runs twice to show the count is deterministic. Accuracy of the int16 models
 is the numpy reference on the whole test set (it is the board's arithmetic, checked above). The metric
 is instructions executed between cost_begin()/cost_end() (a QEMU TCG plugin), not cycles.
-Writes benchmarks/results/micro.{json,md}, replacing the measured models' entries and keeping the others.
+Writes benchmarks/results/micro.{json,md}, replacing the measured (model, board) entries, keeping the others.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 from tvm_scalpel import bench, micro  # noqa: E402
 from tvm_scalpel.micro import Method  # noqa: E402
 from tvm_scalpel.models import build_model  # noqa: E402
+from tvm_scalpel.target import hardware_spec  # noqa: E402
 from tvm_scalpel.training import run_recipe  # noqa: E402
 from tvm_scalpel.training.loop import load_data, recipe_fingerprint  # noqa: E402
 from tvm_scalpel.training.recipes import Recipe  # noqa: E402
@@ -53,6 +58,9 @@ CHECKPOINTS = RESULTS / "tmp" / "training"
 PAPER_MCU = {"lenet-300-100": (9.17, 6.93), "lenet-5": (3.51, 6.72), "convnet": (1.38, 40.95)}
 PAPER_TRADITIONAL_MEAN = 1.90
 CALIBRATION = 512
+# The SIMD-aware recipe per board: the MCU schedule at the board's int16 lanes. The M55's w = 8 is the
+# simd-w8 schedule's (checked in run_model), so its checkpoints are shared with the issue-3 run.
+SCALPEL_RECIPE = {"cortex-m4": "mcu", "cortex-m55": "simd-w8"}
 
 logger = logging.getLogger("micro")
 
@@ -110,14 +118,14 @@ def _accuracy_fp32(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray) 
         return float((model.eval()(x).argmax(1).numpy() == labels).mean())
 
 
-def _best_build(mod, out: Path, calib: np.ndarray, method: Method | str,
+def _best_build(mod, target: str, out: Path, calib: np.ndarray, method: Method | str,
                 board: np.ndarray) -> tuple[micro.Project, micro.RunResult, dict]:
     """Build the variant under every KernelConfig of micro.GRID and keep the fewest instructions: gcc's
     code shape swings counts by up to 25 %, and every variant (the dense baseline too) gets its best."""
     counts, best = {}, None
     for cfg in micro.GRID:
         tag = f"u{cfg.unroll}-{cfg.saturate}"
-        project = micro.build(mod, "cortex-m4", out / tag, calib, methods=method, inputs=board, config=cfg)
+        project = micro.build(mod, target, out / tag, calib, methods=method, inputs=board, config=cfg)
         run = micro.build_and_run(project)
         counts[tag] = run.instructions[0]
         if best is None or run.instructions[0] < best[1].instructions[0]:
@@ -146,8 +154,12 @@ def _measure(project: micro.Project, first: micro.RunResult, labels: np.ndarray,
             "accuracy_int16": float((pred == labels).mean()), "layers": list(project.methods)}
 
 
-def run_model(model_name: str, quick: QuickSettings | None, train: bool, images: int, out: Path) -> dict:
-    recipe, scalpel = _trained(f"{model_name}/mcu", quick, train)
+def run_model(model_name: str, quick: QuickSettings | None, train: bool, images: int, out: Path,
+              target: str = "cortex-m4") -> dict:
+    recipe, scalpel = _trained(f"{model_name}/{SCALPEL_RECIPE[target]}", quick, train)
+    lanes = hardware_spec(target).lanes("int16")
+    if recipe.group_width() != lanes:
+        raise SystemExit(f"{recipe.name}: prunes groups of {recipe.group_width()}, {target} has {lanes} int16 lanes")
     _, traditional = _trained(f"{model_name}/magnitude", quick, train)
     train_set, test_set = load_data(recipe)
     g = torch.Generator().manual_seed(0)
@@ -161,8 +173,8 @@ def run_model(model_name: str, quick: QuickSettings | None, train: bool, images:
     builds = {"dense": (dense_arch, Method.DENSE, None), "traditional": (traditional.model, Method.CSR, traditional),
               "scalpel": (scalpel.model, "measured", scalpel)}
     for variant, (model, method, result) in builds.items():
-        project, run, grid = _best_build(_relax(model, x_test), out / f"{model_name}-{variant}", calib.numpy(),
-                                         method, board)
+        project, run, grid = _best_build(_relax(model, x_test), target, out / f"{target}-{model_name}-{variant}",
+                                         calib.numpy(), method, board)
         row = _measure(project, run, labels, xs, repeat=2 if variant == "scalpel" else 1)
         row["kernel_config"] = vars(project.config)
         row["decisions"] = list(project.decisions)
@@ -184,37 +196,48 @@ def run_model(model_name: str, quick: QuickSettings | None, train: bool, images:
     rows["dense"].pop("accuracy_fp32")
     return {"model": model_name, "dataset": recipe.data.name, "quick": None if quick is None else vars(quick),
             "recipes": {"scalpel": scalpel.recipe, "traditional": traditional.recipe},
-            "dense_fp32_accuracy": scalpel.dense_accuracy, "board": "cortex-m4 (QEMU mps2-an386)",
+            "dense_fp32_accuracy": scalpel.dense_accuracy,
+            "board": f"{target} (QEMU {micro.BOARDS[target].machine})", "target": target, "group_width": lanes,
             "variants": rows, "paper": {"scalpel_speedup": PAPER_MCU[model_name][0],
                                         "scalpel_size_percent": PAPER_MCU[model_name][1],
                                         "traditional_mean_speedup": PAPER_TRADITIONAL_MEAN}}
 
 
+def _target(r: dict) -> str:
+    return r.get("target", "cortex-m4")  # entries written before the M55 existed
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["# Scalpel on a Cortex-M4 (QEMU mps2-an386), int16", "",
-             "Instructions executed per inference (QEMU TCG plugin; instructions, not cycles). Speedup and size "
-             "(weights + indices + row pointers, bytes) are relative to the dense int16 SMLAD build of the same "
-             "flow. Accuracy: int16 model on the whole test set (numpy reference, bit-exact with the board).", "",
-             "| model | variant | instructions | speedup | size | flash B | RAM B | acc int16 | acc fp32 | paper |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        p = r["paper"]
-        for name, v in r["variants"].items():
-            paper = {"scalpel": f"{p['scalpel_speedup']}x ({p['scalpel_size_percent']} %)",
-                     "traditional": f"mean {p['traditional_mean_speedup']}x"}.get(name, "")
-            acc = (f"{100 * v['accuracy_int16']:.2f} %", f"{100 * v['accuracy_fp32']:.2f} %") \
-                if "accuracy_int16" in v else ("-", "-")
-            quick = f" (quick {r['quick']['epochs']} ep/stage)" if r["quick"] else ""
-            lines.append(f"| {r['model']}{quick} | {name} | {v['instructions']:,} | "
-                         f"{v['speedup']:.2f}x | {v['size_percent']:.2f} % | {v['flash_bytes']:,} | "
-                         f"{v['ram_bytes']:,} | {acc[0]} | {acc[1]} | {paper} |")
-        lines.append(f"| | dense fp32 (training) | | | | | | | {100 * (r['dense_fp32_accuracy'] or 0):.2f} % | |")
+    lines = ["# Scalpel on microcontrollers (QEMU), int16", "",
+             "Instructions executed per inference (QEMU TCG plugin; instructions, not cycles: an MVE instruction "
+             "takes 2 beats on the M55). Speedup and size (weights + indices + row pointers, bytes) are relative "
+             "to the dense int16 build of the same flow on the same board (SMLAD on the M4, VMLADAVA on the M55). "
+             "Accuracy: int16 model on the whole test set (numpy reference, bit-exact with the board). The "
+             "paper's column is its Cortex-M4 result."]
+    for target in dict.fromkeys(_target(r) for r in results):
+        rows = [r for r in results if _target(r) == target]
+        lines += ["", f"## {rows[0]['board']}, SIMD groups of {rows[0].get('group_width', 2)}", "",
+                  "| model | variant | instructions | speedup | size | flash B | RAM B | acc int16 | acc fp32 | paper |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            p = r["paper"]
+            for name, v in r["variants"].items():
+                paper = {"scalpel": f"{p['scalpel_speedup']}x ({p['scalpel_size_percent']} %)",
+                         "traditional": f"mean {p['traditional_mean_speedup']}x"}.get(name, "")
+                acc = (f"{100 * v['accuracy_int16']:.2f} %", f"{100 * v['accuracy_fp32']:.2f} %") \
+                    if "accuracy_int16" in v else ("-", "-")
+                quick = f" (quick {r['quick']['epochs']} ep/stage)" if r["quick"] else ""
+                lines.append(f"| {r['model']}{quick} | {name} | {v['instructions']:,} | "
+                             f"{v['speedup']:.2f}x | {v['size_percent']:.2f} % | {v['flash_bytes']:,} | "
+                             f"{v['ram_bytes']:,} | {acc[0]} | {acc[1]} | {paper if target == 'cortex-m4' else ''} |")
+            lines.append(f"| | dense fp32 (training) | | | | | | | {100 * (r['dense_fp32_accuracy'] or 0):.2f} % | |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet-5"])
+    ap.add_argument("--board", choices=sorted(SCALPEL_RECIPE), default="cortex-m4")
     ap.add_argument("--quick", action="store_true", help="the quick recipes for every model")
     ap.add_argument("--quick-models", nargs="*", default=[], help="models that use their quick recipes (full ones "
                     "not trained yet); their rows say (quick)")
@@ -232,19 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     build_dir = RESULTS / "tmp" / "micro"
     quick = QuickSettings(args.epochs, args.subset, args.group_stages)
     results = [run_model(m, quick if args.quick or m in args.quick_models else None, not args.no_train, args.images,
-                         build_dir) for m in args.models]
+                         build_dir, args.board) for m in args.models]
     out.mkdir(parents=True, exist_ok=True)
-    # One file for every model: a run replaces its models' entries and keeps the others (each entry has
+    # One file for every (model, board): a run replaces its entries and keeps the others (each entry has
     # its own provenance), so models trained on different schedules can be measured separately.
     path = out / "micro.json"
     previous = json.loads(path.read_text())["results"] if path.is_file() else []
-    prov = bench.provenance({"kind": "cortex-m4", "machine": "mps2-an386"})
+    prov = bench.provenance({"kind": args.board, "machine": micro.BOARDS[args.board].machine})
     for r in results:
         r["provenance"] = prov
-    names = {r["model"] for r in results}
-    merged = [r for r in previous if r["model"] not in names] + results
+    names = {(r["model"], _target(r)) for r in results}
+    merged = [r for r in previous if (r["model"], _target(r)) not in names] + results
     order = {m: i for i, m in enumerate(PAPER_MCU)}
-    merged.sort(key=lambda r: order.get(r["model"], len(order)))
+    merged.sort(key=lambda r: (sorted(SCALPEL_RECIPE).index(_target(r)), order.get(r["model"], len(order))))
     bench.write_json(path, {"results": merged})
     (out / "micro.md").write_text(markdown(merged))
     print(markdown(merged))

@@ -42,15 +42,16 @@ class Small(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _group_prune(model: nn.Module, zero_fraction: float, seed: int = 0) -> nn.Module:
-    """Zero random aligned pairs along the reduction axis (w = 2), the way SIMD-aware pruning leaves them."""
+def _group_prune(model: nn.Module, zero_fraction: float, seed: int = 0, width: int = 2) -> nn.Module:
+    """Zero random aligned groups of ``width`` along the reduction axis, the way SIMD-aware pruning
+    leaves them."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 w = m.weight.view(m.weight.shape[0], -1)
-                drop = torch.rand(w.shape[0], (w.shape[1] + 1) // 2, generator=g) < zero_fraction
-                w[drop.repeat_interleave(2, 1)[:, :w.shape[1]]] = 0
+                drop = torch.rand(w.shape[0], -(-w.shape[1] // width), generator=g) < zero_fraction
+                w[drop.repeat_interleave(width, 1)[:, :w.shape[1]]] = 0
     return model
 
 
@@ -88,16 +89,19 @@ def test_unsupported_op_and_batch_are_clear_errors():
         micro.read_graph(mod2)
 
 
-def test_quantisation_bound_and_accuracy(small):
+@pytest.mark.parametrize("align", [2, 8])
+def test_quantisation_bound_and_accuracy(small, align):
     model, mod, x = small
-    q = micro.quantize(micro.read_graph(mod), x.numpy())
+    q = micro.quantize(micro.read_graph(mod), x.numpy(), align=align)
     for ql in q.layers:
         if ql.weight is not None:
             # The accumulator can never overflow, for any int16 input.
             bound = np.abs(ql.bias.astype(np.int64)) + np.abs(ql.weight.astype(np.int64)).sum(1) * 32768
             assert bound.max() < 2**31
             assert ql.shift >= 0
-            assert ql.weight.shape[1] % 2 == 0  # pairs for SMLAD
+            k = int(np.prod(ql.layer.weight.shape[1:]))
+            assert ql.weight.shape[1] == -(-k // align) * align  # whole SIMD groups, zero padded
+            assert not ql.weight[:, k:].any()
     with torch.no_grad():
         ref = model(x).numpy()
     got = np.stack([q.dequantize(q.run(q.quantize_input(xi))) for xi in x.numpy()])
@@ -124,22 +128,37 @@ def test_generated_c_is_plain_and_uses_smlad_only_where_pairs_survive():
     assert "__usat(" in bodies["d"] and "__ssat(" in bodies["g"]  # ReLU fused as the lower bound
 
 
+def test_helium_kernels_use_one_vector_mac_per_group_of_eight():
+    """Cortex-M55: dense and group kernels call the MVE helper once per group of 8 int16 (one index per
+    group in the group kernel); CSR stays scalar. The helper is defined in the prelude for MVE builds."""
+    mve = kernels.MVE
+    src = codegen.to_c({"d": kernels.dense(4, 3, 1, 7, True, simd=mve), "g": kernels.group(4, 3, 9, 1, 7, False, simd=mve),
+                        "c": kernels.csr(4, 24, 13, 1, 7, False)})
+    assert "vmladavaq_s16(acc, vld1q_s16(w), vld1q_s16(x))" in src and "__ARM_FEATURE_MVE" in src
+    bodies = dict(re.findall(r"void (\w)\(.*?\) \{(.*?)\n\}", src, re.S))
+    assert bodies["d"].count("scalpel_dot8") == 1  # the loop over 3 groups of a row
+    assert re.search(r"scalpel_dot8\(.*vp\[\(gi_ptr\[0\] \* 8\)\]", bodies["g"])  # group g at vals + 8g
+    assert "cp[" in bodies["g"] and "scalpel_dot8" not in bodies["c"] and "__smlad" not in src.split("#define TVM_DLL")[1]
+
+
 def test_errors_for_non_mcu_targets(small, tmp_path):
     _, mod, x = small
     with pytest.raises(TargetError, match="expected a microcontroller target"):
         micro.build(mod, "host", tmp_path, x.numpy())
-    with pytest.raises(TargetError, match="no emulated board for 'cortex-m55' yet"):  # Helium kernels: not yet
-        micro.build(mod, "cortex-m55", tmp_path, x.numpy())
+    with pytest.raises(TargetError, match="expected a microcontroller target"):
+        micro.build(mod, "cuda", tmp_path, x.numpy())
 
 
 @needs_toolchain
-def test_board_matches_numpy_bit_exactly_for_every_kernel(small, tmp_path):
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m55"])
+def test_board_matches_numpy_bit_exactly_for_every_kernel(small, tmp_path, target):
     model, mod, x = small
     before = mod.script(show_meta=True)
     outs, counts = {}, {}
     for method in Method:
-        project = micro.build(mod, "cortex-m4", tmp_path / method.value, x.numpy(), methods=method,
+        project = micro.build(mod, target, tmp_path / method.value, x.numpy(), methods=method,
                               inputs=x.numpy()[:4])
+        assert project.board.machine == {"cortex-m4": "mps2-an386", "cortex-m55": "mps3-an547"}[target]
         result = micro.build_and_run(project)
         ref = np.stack([project.model.run(xq) for xq in project.inputs])
         np.testing.assert_array_equal(result.outputs, ref)
@@ -150,7 +169,7 @@ def test_board_matches_numpy_bit_exactly_for_every_kernel(small, tmp_path):
     np.testing.assert_array_equal(outs[Method.DENSE], outs[Method.CSR])
     assert mod.script(show_meta=True) == before  # the user's module is untouched
     # Code-shape knobs change instructions, never results.
-    other = micro.build(mod, "cortex-m4", tmp_path / "minmax", x.numpy(), methods=Method.GROUP, inputs=x.numpy()[:4],
+    other = micro.build(mod, target, tmp_path / "minmax", x.numpy(), methods=Method.GROUP, inputs=x.numpy()[:4],
                         config=micro.KernelConfig(unroll=4, saturate="minmax"))
     np.testing.assert_array_equal(micro.build_and_run(other).outputs, outs[Method.GROUP])
 
@@ -165,14 +184,15 @@ def test_instruction_count_is_deterministic(small, tmp_path):
 
 
 @needs_toolchain
-def test_group_kernel_cost_scales_with_kept_pairs(tmp_path):
-    """A 64×256 layer at 25 % kept pairs: a kept pair costs the group kernel under twice what it costs the
-    dense SMLAD kernel (index load + gather), so it must run > 2× fewer instructions."""
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m55"])
+def test_group_kernel_cost_scales_with_kept_groups(tmp_path, target):
+    """A 64×256 layer at 25 % kept groups (of the board's w): a kept group costs the group kernel under
+    twice what it costs the dense SIMD kernel (index load + gather), so it must run > 2× fewer instructions."""
     torch.manual_seed(1)
-    layer = _group_prune(nn.Linear(256, 64).eval(), 0.75)
+    layer = _group_prune(nn.Linear(256, 64).eval(), 0.75, width=micro.BOARDS[target].group_width)
     x = torch.randn(4, 256)
     mod = from_exported_program(torch.export.export(layer, (x[:1],)))
-    runs = {m: micro.build_and_run(micro.build(mod, "cortex-m4", tmp_path / m.value, x.numpy(), methods=m,
+    runs = {m: micro.build_and_run(micro.build(mod, target, tmp_path / m.value, x.numpy(), methods=m,
                                                inputs=x.numpy()[:1])) for m in (Method.DENSE, Method.GROUP)}
     assert runs[Method.DENSE].instructions[0] / runs[Method.GROUP].instructions[0] > 2.0
     assert runs[Method.GROUP].flash_bytes < runs[Method.DENSE].flash_bytes / 2

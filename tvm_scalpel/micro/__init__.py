@@ -41,10 +41,10 @@ def board_for(target: TargetLike) -> Board:
     return board
 
 
-def methods_from_plan(graph: Graph, plan) -> dict[str, Method]:
+def methods_from_plan(graph: Graph, plan, width: int = 2) -> dict[str, Method]:
     """Per-layer kernels from a ``CompilePlan``: CSR for its ``csr_layers``; group-sparse where the
-    layer's fraction of zero pairs reaches its threshold (default 0: SIMD-aware everywhere, Scalpel's
-    MCU decision); dense above it. Keys that match no layer are a PlanError, as on the CPU."""
+    layer's fraction of zero groups (of ``width``, the board's) reaches its threshold (default 0:
+    SIMD-aware everywhere, Scalpel's MCU decision); dense below it. Keys that match no layer are a PlanError, as on the CPU."""
     weighted = [layer for layer in graph.layers if isinstance(layer, WEIGHTED)]
     keys = {layer.key for layer in weighted}
     unknown = sorted((set(plan.layer_thresholds) | set(plan.csr_layers)) - keys)
@@ -53,11 +53,11 @@ def methods_from_plan(graph: Graph, plan) -> dict[str, Method]:
                         f"{sorted(keys)}")
     methods = {}
     for layer in weighted:
-        zero_pairs = 1.0 - float(formats.group_mask(layer.weight, 2).mean())
+        zero_groups = 1.0 - float(formats.group_mask(layer.weight, width).mean())
         if layer.key in plan.csr_layers:
             methods[layer.key] = Method.CSR
         else:
-            methods[layer.key] = Method.GROUP if zero_pairs >= plan.layer_thresholds.get(layer.key, 0.0) \
+            methods[layer.key] = Method.GROUP if zero_groups >= plan.layer_thresholds.get(layer.key, 0.0) \
                 else Method.DENSE
     return methods
 
@@ -80,8 +80,8 @@ def build(mod: tvm.IRModule, target: TargetLike, out_dir: str | Path, calibratio
     round_to = plan.round_to if plan is not None else round_to
     graph = read_graph(FoldNodeMasks(FoldConfig(round_to=round_to))(mod))
     if methods is None:
-        methods = methods_from_plan(graph, plan) if plan is not None else Method.GROUP
-    model = quantize(graph, calibration)
+        methods = methods_from_plan(graph, plan, board.group_width) if plan is not None else Method.GROUP
+    model = quantize(graph, calibration, align=board.group_width)
     xs = np.asarray(calibration[:1] if inputs is None else inputs, np.float32)
     xq = np.stack([model.quantize_input(x) for x in xs])
     if methods == "measured":  # per layer, the kernel with fewer instructions on the board

@@ -49,9 +49,9 @@ def measure_layers(model: QuantizedModel, board: Board, config: KernelConfig = K
                 project = generate(one, board, method, Path(tmp) / f"l{i}-{method.value}", x, config)
                 counts[method.value] = build_and_run(project).instructions[0]
             best = min(candidates, key=lambda m: counts[m.value])
-            zero = 1.0 - float(formats.group_mask(q.weight, 2).mean())
+            zero = 1.0 - float(formats.group_mask(q.weight, board.group_width).mean())
             detail = ", ".join(f"{m} {n:,}" for m, n in counts.items())
             choices.append(LayerChoice(q.layer.key, best, counts,
-                                       f"{q.layer.key}: {zero:.0%} zero pairs; instructions alone: {detail} -> "
+                                       f"{q.layer.key}: {zero:.0%} zero groups of {board.group_width}; instructions alone: {detail} -> "
                                        f"{best.value}"))
     return choices

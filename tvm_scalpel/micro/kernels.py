@@ -5,10 +5,14 @@ is ``clamp((acc + 2^(s-1)) >> s, lo, 32767)`` with ``lo = 0`` when a ReLU is fus
 multiply a weight matrix [O, K] by P input vectors (P = 1 for a Linear layer, the output pixels of a
 conv after im2col; inputs are pixel-major rows of Kp = K rounded up to even int16):
 
-- ``dense``: every weight; int16 pairs as int32 words, two MACs per ``SMLAD`` (the DSP SIMD).
-- ``group``: Scalpel's SIMD-aware format at w = 2: one word of two weights and one index per kept
-  group, one SMLAD per group. Index arrays are runtime buffers.
-- ``csr``: traditional pruning's format, an index per weight; no SIMD (the pair is broken), one MLA.
+- ``dense``: every weight, one SIMD multiply-accumulate per group of w weights;
+- ``group``: Scalpel's SIMD-aware format: one index per kept group of w weights, one SIMD MAC per
+  group. Index arrays are runtime buffers.
+- ``csr``: traditional pruning's format, an index per weight; no SIMD (the group is broken), one MLA.
+
+The SIMD MAC is the board's (``Simd``): on a Cortex-M4 (DSP extension) w = 2, int16 pairs travel as
+int32 words and one ``SMLAD`` does two MACs; on a Cortex-M55 (Helium/MVE) w = 8, one ``VLDRH`` per
+operand and one ``VMLADAVA`` do eight (``scalpel_dot8`` in the generated C's prelude).
 
 Outputs are written [O, P] (channel-major, i.e. CHW for a conv).
 """
@@ -67,6 +71,29 @@ def _smlad(a: tirx.PrimExpr, b: tirx.PrimExpr, acc: tirx.PrimExpr) -> tirx.PrimE
     return T.call_extern("int32", "__smlad", a, b, acc)
 
 
+@dataclass(frozen=True)
+class Simd:
+    """A board's SIMD multiply-accumulate over one group of ``width`` int16 weights. Kernel buffers
+    hold ``dtype`` elements, ``per_group`` of them per group; ``mac(acc, A, i, B, j)`` adds the dot
+    product of group i of buffer A and group j of buffer B (indices in groups) to ``acc``."""
+
+    name: str
+    width: int
+    dtype: str
+    per_group: int
+
+    def mac(self, acc, a, i, b, j):
+        if self.name == "dsp":  # one word of two int16: SMLAD
+            return _smlad(a[i], b[j], acc)
+        return T.call_extern("int32", "scalpel_dot8", acc, T.address_of(a[i * self.per_group]),
+                             T.address_of(b[j * self.per_group]))
+
+
+DSP = Simd("dsp", 2, "int32", 1)  # Cortex-M4 DSP extension
+MVE = Simd("mve", 8, "int16", 8)  # Cortex-M55 Helium
+SIMD = {s.name: s for s in (DSP, MVE)}
+
+
 def _mul(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.Cast("int32", a) * T.Cast("int32", b)
 
@@ -84,9 +111,11 @@ def _pixel_blocks(P: int) -> tuple[int, int]:
     return pb, P // pb
 
 
-def dense(O: int, K2: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
-    """y[o, p] = requant(b[o] + Σ_k W[o, k]·x[p, k]); W and x as int32 words of int16 pairs (K2 words)."""
+def dense(O: int, K2: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig(),
+          simd: Simd = DSP) -> tirx.PrimFunc:
+    """y[o, p] = requant(b[o] + Σ_k W[o, k]·x[p, k]) over K2 groups of ``simd.width`` int16 per row."""
     _check(O=O, K2=K2, P=P)
+    e = simd.per_group
     unroll = cfg.unroll
     main, tail = K2 // unroll * unroll, K2 % unroll
     pb, blocks = _pixel_blocks(P)
@@ -98,18 +127,18 @@ def dense(O: int, K2: int, P: int, shift: int, relu: bool, cfg: KernelConfig = K
         for k0 in range(main // unroll):
             for k1 in T.unroll(unroll):
                 for u in T.unroll(n):
-                    acc[u] = _smlad(W[o * K2 + k0 * unroll + k1], x[(p0 + u) * K2 + k0 * unroll + k1], acc[u])
+                    acc[u] = simd.mac(acc[u], W, o * K2 + k0 * unroll + k1, x, (p0 + u) * K2 + k0 * unroll + k1)
         for k in T.unroll(tail):
             for u in T.unroll(n):
-                acc[u] = _smlad(W[o * K2 + main + k], x[(p0 + u) * K2 + main + k], acc[u])
+                acc[u] = simd.mac(acc[u], W, o * K2 + main + k, x, (p0 + u) * K2 + main + k)
         for u in T.unroll(n):
             y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
 
     @T.prim_func
-    def f(Wp: T.handle("int32"), xp: T.handle("int32"), bp: T.handle("int32"), yp: T.handle("int16")):
+    def f(Wp: T.handle(simd.dtype), xp: T.handle(simd.dtype), bp: T.handle("int32"), yp: T.handle("int16")):
         T.func_attr({"tir.noalias": True})
-        W = T.decl_buffer((O * K2,), "int32", data=Wp)
-        x = T.decl_buffer((P * K2,), "int32", data=xp)
+        W = T.decl_buffer((O * K2 * e,), simd.dtype, data=Wp)
+        x = T.decl_buffer((P * K2 * e,), simd.dtype, data=xp)
         b = T.decl_buffer((O,), "int32", data=bp)
         y = T.decl_buffer((O * P,), "int16", data=yp)
         acc = T.decl_buffer((pb,), "int32", scope="global")
@@ -123,10 +152,11 @@ def dense(O: int, K2: int, P: int, shift: int, relu: bool, cfg: KernelConfig = K
     return f
 
 
-def _sparse(O: int, K: int, N: int, P: int, shift: int, relu: bool, cfg: KernelConfig, dtype: str,
+def _sparse(O: int, K: int, N: int, P: int, shift: int, relu: bool, cfg: KernelConfig, dtype: str, e: int,
             mac) -> tirx.PrimFunc:
-    """A row-compressed kernel: ``vals`` [N] of ``dtype``, ``cols`` [N] uint16 positions in a row of K
-    ``dtype`` elements, ``rows`` [O + 1] row pointers; ``mac(acc, value, x)`` is one multiply-accumulate."""
+    """A row-compressed kernel over units of ``e`` ``dtype`` elements (a weight group, or one weight):
+    ``vals`` [N] units, ``cols`` [N] uint16 unit positions in a row of K units, ``rows`` [O + 1] row
+    pointers; ``mac(acc, vals, i, x, j)`` multiply-accumulates unit i of ``vals`` with unit j of ``x``."""
     pb, blocks = _pixel_blocks(P)
 
     @T.macro
@@ -134,22 +164,22 @@ def _sparse(O: int, K: int, N: int, P: int, shift: int, relu: bool, cfg: KernelC
         for u in T.unroll(n):
             acc[u] = b[o]
         gi[0] = rows[o]
-        xb: T.let[T.handle(dtype)] = T.address_of(x[p0 * K])  # the block's first pixel, once per row
-        xblk = T.decl_buffer((n * K,), dtype, data=xb)
+        xb: T.let[T.handle(dtype)] = T.address_of(x[p0 * K * e])  # the block's first pixel, once per row
+        xblk = T.decl_buffer((n * K * e,), dtype, data=xb)
         while gi[0] + _sparse_unroll(n, cfg) <= rows[o + 1]:
             for j in T.unroll(_sparse_unroll(n, cfg)):
-                # One pointer to the group's column in the block's first pixel: the other pixels are
+                # One pointer to the unit's column in the block's first pixel: the other pixels are
                 # constant offsets from it (an immediate in each load), not an add per pixel.
-                q: T.let[T.handle(dtype)] = T.address_of(xblk[T.Cast("int32", cols[gi[0] + j])])
-                xq = T.decl_buffer(((n - 1) * K + 1,), dtype, data=q)
+                q: T.let[T.handle(dtype)] = T.address_of(xblk[T.Cast("int32", cols[gi[0] + j]) * e])
+                xq = T.decl_buffer((((n - 1) * K + 1) * e,), dtype, data=q)
                 for u in T.unroll(n):
-                    acc[u] = mac(acc[u], vals[gi[0] + j], xq[u * K])
+                    acc[u] = mac(acc[u], vals, gi[0] + j, xq, u * K)
             gi[0] = gi[0] + _sparse_unroll(n, cfg)
         while gi[0] < rows[o + 1]:
-            q1: T.let[T.handle(dtype)] = T.address_of(xblk[T.Cast("int32", cols[gi[0]])])
-            xq1 = T.decl_buffer(((n - 1) * K + 1,), dtype, data=q1)
+            q1: T.let[T.handle(dtype)] = T.address_of(xblk[T.Cast("int32", cols[gi[0]]) * e])
+            xq1 = T.decl_buffer((((n - 1) * K + 1) * e,), dtype, data=q1)
             for u in T.unroll(n):
-                acc[u] = mac(acc[u], vals[gi[0]], xq1[u * K])
+                acc[u] = mac(acc[u], vals, gi[0], xq1, u * K)
             gi[0] = gi[0] + 1
         for u in T.unroll(n):
             y[o * P + p0 + u] = _requant(acc[u], shift, relu, cfg)
@@ -158,10 +188,10 @@ def _sparse(O: int, K: int, N: int, P: int, shift: int, relu: bool, cfg: KernelC
     def f(vp: T.handle(dtype), cp: T.handle("uint16"), rp: T.handle("int32"), xp: T.handle(dtype),
           bp: T.handle("int32"), yp: T.handle("int16")):
         T.func_attr({"tir.noalias": True})
-        vals = T.decl_buffer((max(N, 1),), dtype, data=vp)
+        vals = T.decl_buffer((max(N, 1) * e,), dtype, data=vp)
         cols = T.decl_buffer((max(N, 1),), "uint16", data=cp)
         rows = T.decl_buffer((O + 1,), "int32", data=rp)
-        x = T.decl_buffer((P * K,), dtype, data=xp)
+        x = T.decl_buffer((P * K * e,), dtype, data=xp)
         b = T.decl_buffer((O,), "int32", data=bp)
         y = T.decl_buffer((O * P,), "int16", data=yp)
         acc = T.decl_buffer((pb,), "int32", scope="global")
@@ -176,17 +206,18 @@ def _sparse(O: int, K: int, N: int, P: int, shift: int, relu: bool, cfg: KernelC
     return f
 
 
-def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
-    """Group-sparse, w = 2: ``vals`` [G] words (two weights each), ``cols`` [G] the word index of each
-    group in its row, ``rows`` [O + 1] row pointers. One SMLAD and one index per group."""
+def group(O: int, K2: int, G: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig(),
+          simd: Simd = DSP) -> tirx.PrimFunc:
+    """Group-sparse at w = ``simd.width``: ``vals`` [G] groups, ``cols`` [G] the group index of each in
+    its row of K2 groups, ``rows`` [O + 1] row pointers. One SIMD MAC and one index per group."""
     _check(O=O, K2=K2, G=G, P=P)
-    return _sparse(O, K2, G, P, shift, relu, cfg, "int32", lambda acc, v, x: _smlad(v, x, acc))
+    return _sparse(O, K2, G, P, shift, relu, cfg, simd.dtype, simd.per_group, simd.mac)
 
 
 def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool, cfg: KernelConfig = KernelConfig()) -> tirx.PrimFunc:
     """CSR: ``vals`` [NNZ] int16, ``cols`` [NNZ] element index, ``rows`` [O + 1]; one MLA per weight."""
     _check(O=O, Kp=Kp, NNZ=NNZ, P=P)
-    return _sparse(O, Kp, NNZ, P, shift, relu, cfg, "int16", lambda acc, v, x: acc + _mul(v, x))
+    return _sparse(O, Kp, NNZ, P, shift, relu, cfg, "int16", 1, lambda acc, a, i, b, j: acc + _mul(a[i], b[j]))
 
 
 def im2col(C: int, H: int, W: int, KH: int, KW: int, stride: int, pad: int, OH: int, OW: int,

@@ -29,27 +29,39 @@ from .quantize import QLayer, QuantizedModel
 
 
 class Method(str, enum.Enum):
-    DENSE = "dense"  # every weight, SMLAD on pairs
-    GROUP = "group"  # Scalpel SIMD-aware, w = 2, one index per pair
+    DENSE = "dense"  # every weight, a SIMD MAC per group of w
+    GROUP = "group"  # Scalpel SIMD-aware: one index per kept group of w
     CSR = "csr"  # traditional pruning, one index per weight
 
 
 @dataclass(frozen=True)
 class Board:
-    """An emulated board: QEMU machine, compiler flags and memory."""
+    """An emulated board: QEMU machine, compiler and linker flags, memory, and the SIMD MAC its kernels
+    use (its width is the group width w; ``board_for`` checks it against ``hardware_spec``)."""
 
     name: str
     machine: str
     cflags: tuple[str, ...]
     ldflags: tuple[str, ...]
-    memory_bytes: int
-    group_width: int  # int16 weights per SIMD MAC of the kernels we generate for it
+    memory_bytes: int  # where code, weights and buffers live (a program larger than this cannot load)
+    simd: kernels.Simd
+    stack_top: int  # initial stack pointer, the end of a RAM block
+
+    @property
+    def group_width(self) -> int:
+        return self.simd.width
 
 
 BOARDS = {
+    # 4 MB SRAM at 0x0 holds everything.
     "cortex-m4": Board("cortex-m4", "mps2-an386",
                        ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"),
-                       ("-Wl,--section-start=.isr_vector=0x0",), 4 << 20, 2),
+                       ("-Wl,--section-start=.isr_vector=0x0",), 4 << 20, kernels.DSP, 0x00400000),
+    # The vector table in the 512 KB ITCM at 0x0 (too small for LeNet-300-100's dense weights), code,
+    # weights and buffers in the 2 MB SRAM at 0x01000000, the stack at the top of the 512 KB DTCM.
+    "cortex-m55": Board("cortex-m55", "mps3-an547", ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"),
+                        ("-Wl,--section-start=.isr_vector=0x0", "-Wl,-Ttext=0x01000000"), 2 << 20, kernels.MVE,
+                        0x20080000),
 }
 
 _C_TYPES = {"int16": "int16_t", "int32": "int32_t", "uint16": "uint16_t"}
@@ -73,13 +85,15 @@ class _Emitter:
         return name
 
 
-def _pairs(weight_q: np.ndarray) -> np.ndarray:
-    """int16 [.., 2k] → int32 words, element 2j in the low half (little-endian, as SMLAD reads them)."""
-    return np.ascontiguousarray(weight_q, dtype="<i2").view("<i4")
+def _groups(weight_q: np.ndarray, simd: kernels.Simd) -> tuple[np.ndarray, str]:
+    """int16 [.., w·k] as the kernels' ``simd.dtype`` elements: on the DSP, int32 words with element 2j
+    in the low half (little-endian, as SMLAD reads them); on MVE, int16 as they are."""
+    weight_q = np.ascontiguousarray(weight_q, dtype="<i2")
+    return (weight_q.view("<i4"), "int32") if simd.dtype == "int32" else (weight_q, "int16")
 
 
 def _weighted(e: _Emitter, i: int, q: QLayer, method: Method, src: str, dst: str, scratch: str,
-              cfg: kernels.KernelConfig) -> None:
+              cfg: kernels.KernelConfig, simd: kernels.Simd) -> None:
     layer = q.layer
     O, Kp = q.weight.shape
     P = 1
@@ -92,20 +106,24 @@ def _weighted(e: _Emitter, i: int, q: QLayer, method: Method, src: str, dst: str
         e.kernels[f"l{i}_im2col"] = kernels.im2col(c, h, w, kh, kw, layer.stride, layer.pad, oh, ow, Kp)
         e.calls.append(f"l{i}_im2col((int16_t*){src}, (int16_t*){scratch});")
         x = scratch
+    if Kp % simd.width:
+        raise KernelError(f"{layer.key}: the int16 weights have {Kp} columns, expected a multiple of the "
+                          f"board's group width {simd.width} (quantize(..., align={simd.width}))")
     bias = e.array(f"l{i}_bias", q.bias, "int32")
     name = f"l{i}_{method.value}"
+    ct = _C_TYPES[simd.dtype]
     if method is Method.DENSE:
-        e.kernels[name] = kernels.dense(O, Kp // 2, P, q.shift, q.relu, cfg)
-        wts = e.array(f"l{i}_w", _pairs(q.weight), "int32")
-        e.calls.append(f"{name}((int32_t*){wts}, (int32_t*){x}, (int32_t*){bias}, (int16_t*){dst});")
+        e.kernels[name] = kernels.dense(O, Kp // simd.width, P, q.shift, q.relu, cfg, simd)
+        wts = e.array(f"l{i}_w", *_groups(q.weight, simd))
+        e.calls.append(f"{name}(({ct}*){wts}, ({ct}*){x}, (int32_t*){bias}, (int16_t*){dst});")
         sizes = formats.SizeReport(values=q.weight.size * 2, indices=0, row_pointers=0)
     elif method is Method.GROUP:
-        g = formats.encode(q.weight, 2)
-        e.kernels[name] = kernels.group(O, Kp // 2, g.n_groups, P, q.shift, q.relu, cfg)
-        v = e.array(f"l{i}_vals", _pairs(g.values), "int32")
+        g = formats.encode(q.weight, simd.width)
+        e.kernels[name] = kernels.group(O, Kp // simd.width, g.n_groups, P, q.shift, q.relu, cfg, simd)
+        v = e.array(f"l{i}_vals", *_groups(g.values, simd))
         c_ = e.array(f"l{i}_cols", g.col_idx, "uint16")
         r = e.array(f"l{i}_rows", g.row_ptr, "int32")
-        e.calls.append(f"{name}((int32_t*){v}, (uint16_t*){c_}, (int32_t*){r}, (int32_t*){x}, "
+        e.calls.append(f"{name}(({ct}*){v}, (uint16_t*){c_}, (int32_t*){r}, ({ct}*){x}, "
                        f"(int32_t*){bias}, (int16_t*){dst});")
         sizes = g.sizes(value_bytes=2, index_bytes=2)
         sizes = formats.SizeReport(sizes.values, sizes.indices, (O + 1) * 4)
@@ -169,9 +187,11 @@ def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] 
         dst = "output" if i == last else f"arena{a}"
         if i != last:
             arenas[a] = max(arenas[a], _numel(layer.out_shape))
+        if isinstance(layer, Linear) and src.startswith("arena"):  # it reads its input up to Kp (zero weights)
+            arenas[int(src[-1])] = max(arenas[int(src[-1])], q.weight.shape[1])
         if isinstance(layer, (Linear, Conv)):
             method = methods if isinstance(methods, Method) else Method(methods.get(layer.key, Method.GROUP))
-            _weighted(e, i, q, method, src, dst, "scratch", cfg)
+            _weighted(e, i, q, method, src, dst, "scratch", cfg, board.simd)
             used.append(method.value)
         elif isinstance(layer, (MaxPool, AvgPool)):
             c, h, w = layer.in_shape
@@ -195,7 +215,7 @@ def generate(model: QuantizedModel, board: Board, methods: Mapping[str, Method] 
     (out_dir / "model.h").write_text(_model_h(model, n_out))
     (out_dir / "model.c").write_text(_model_c(e, words))
     (out_dir / "main.c").write_text(_main_c(inputs, n_out))
-    (out_dir / "startup.c").write_text(STARTUP_C)
+    (out_dir / "startup.c").write_text(STARTUP_C.replace("STACK_TOP", f"0x{board.stack_top:08x}"))
     (out_dir / "Makefile").write_text(_makefile(board))
     (out_dir / "README.md").write_text(README.format(board=board.name, machine=board.machine))
     meta = {"board": board.name, "layers": used, "kernel_config": vars(cfg), "frac_in": model.frac_in,
@@ -287,7 +307,7 @@ static void reset_handler(void) {
   __asm volatile("dsb\\n isb");
   _start();
 }
-__attribute__((section(".isr_vector"), used)) const void *vector_table[2] = {(void *)0x00400000,
+__attribute__((section(".isr_vector"), used)) const void *vector_table[2] = {(void *)STACK_TOP,
                                                                             (void *)reset_handler};
 """
 

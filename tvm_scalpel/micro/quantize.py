@@ -99,8 +99,9 @@ def forward_float(graph: Graph, x: np.ndarray, trace: list[np.ndarray] | None = 
 # ---------------------------------------------------------------------------------------------- int16
 @dataclass(frozen=True, eq=False)
 class QLayer:
-    """A layer with its fixed-point facts. ``weight`` [O, Kp] int16 (Kp = K rounded up to even, zero
-    padded) and ``bias`` int32 for weighted layers; ``shift`` requantises the accumulator."""
+    """A layer with its fixed-point facts. ``weight`` [O, Kp] int16 (Kp = K rounded up to a multiple of
+    the board's group width, zero padded) and ``bias`` int32 for weighted layers; ``shift`` requantises
+    the accumulator."""
 
     layer: Layer
     frac_in: int
@@ -211,9 +212,9 @@ def _quantize_lrn(layer: LRN, frac: int) -> QLayer:
     return QLayer(layer, frac, frac, lut=lut, lut_shift=lut_shift, sq_shift=sq_shift)
 
 
-def _quantize_weighted(layer: Linear | Conv, frac_in: int, frac_out: int) -> QLayer:
+def _quantize_weighted(layer: Linear | Conv, frac_in: int, frac_out: int, align: int) -> QLayer:
     w2 = layer.weight.reshape(layer.weight.shape[0], -1).astype(np.float64)
-    kp = w2.shape[1] + w2.shape[1] % 2
+    kp = -(-w2.shape[1] // align) * align
     frac_w = _frac_for(float(np.abs(w2).max()))
     while True:
         wq = np.round(w2 * 2.0**frac_w).astype(np.int64)
@@ -232,8 +233,11 @@ def _quantize_weighted(layer: Linear | Conv, frac_in: int, frac_out: int) -> QLa
     return QLayer(layer, frac_in, frac_out, weight, bq.astype(np.int32), frac_w)
 
 
-def quantize(graph: Graph, calibration: np.ndarray) -> QuantizedModel:
-    """Fixed-point scales from ``calibration`` inputs [N, *in_shape] (a few hundred real examples)."""
+def quantize(graph: Graph, calibration: np.ndarray, align: int = 2) -> QuantizedModel:
+    """Fixed-point scales from ``calibration`` inputs [N, *in_shape] (a few hundred real examples).
+    ``align``: weight rows are zero padded to a multiple of it (the board's group width)."""
+    if not isinstance(align, int) or align < 1:
+        raise KernelError(f"quantize: expected align >= 1 (the board's group width), found {align!r}")
     calibration = np.asarray(calibration, np.float32)
     if calibration.ndim != len(graph.in_shape) + 1 or calibration.shape[1:] != graph.in_shape:
         raise KernelError(f"calibration: expected inputs of shape [N, {', '.join(map(str, graph.in_shape))}], "
@@ -247,7 +251,7 @@ def quantize(graph: Graph, calibration: np.ndarray) -> QuantizedModel:
     qlayers = []
     for layer, peak in zip(graph.layers, peaks):
         if isinstance(layer, WEIGHTED):
-            q = _quantize_weighted(layer, frac_in, _frac_for(peak))
+            q = _quantize_weighted(layer, frac_in, _frac_for(peak), align)
         elif isinstance(layer, LRN):
             q = _quantize_lrn(layer, frac_in)
         else:  # pools and ReLUs keep the scale
