@@ -11,6 +11,7 @@ examples:
   scalpel compile pruned.onnx --method traditional     # from an ONNX file's weights alone
   scalpel prune lenet-300-100 --target cortex-m4 --quick   # SIMD-aware pairs (w = 2, int16 SMLAD)
   scalpel compile lenet-300-100 --target cortex-m4 --quick # int16 C project + Makefile, run on QEMU
+  scalpel compile lenet-300-100 --target cortex-m55 --quick # Helium: groups of 8, VMLADAVA (mps3-an547)
   scalpel prune vgg16 --target cuda --method fine --device cuda  # GPU tile pruning (Choi & Yang), on a GPU
   scalpel compile vgg16 --target cuda --method fine        # .so whose kernels skip the pruned 32x8 tiles
   scalpel bench lenet-300-100 --quick                  # time the pruned models already in --out
