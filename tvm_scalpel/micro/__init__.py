@@ -41,10 +41,11 @@ def board_for(target: TargetLike) -> Board:
     return board
 
 
-def methods_from_plan(graph: Graph, plan, width: int = 2) -> dict[str, Method]:
+def methods_from_plan(graph: Graph, plan, width: int) -> dict[str, Method]:
     """Per-layer kernels from a ``CompilePlan``: CSR for its ``csr_layers``; group-sparse where the
     layer's fraction of zero groups (of ``width``, the board's) reaches its threshold (default 0:
-    SIMD-aware everywhere, Scalpel's MCU decision); dense below it. Keys that match no layer are a PlanError, as on the CPU."""
+    SIMD-aware everywhere, Scalpel's MCU decision); dense below it. Keys that match no layer are a
+    PlanError, as on the CPU."""
     weighted = [layer for layer in graph.layers if isinstance(layer, WEIGHTED)]
     keys = {layer.key for layer in weighted}
     unknown = sorted((set(plan.layer_thresholds) | set(plan.csr_layers)) - keys)

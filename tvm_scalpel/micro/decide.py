@@ -52,6 +52,6 @@ def measure_layers(model: QuantizedModel, board: Board, config: KernelConfig = K
             zero = 1.0 - float(formats.group_mask(q.weight, board.group_width).mean())
             detail = ", ".join(f"{m} {n:,}" for m, n in counts.items())
             choices.append(LayerChoice(q.layer.key, best, counts,
-                                       f"{q.layer.key}: {zero:.0%} zero groups of {board.group_width}; instructions alone: {detail} -> "
-                                       f"{best.value}"))
+                                       f"{q.layer.key}: {zero:.0%} zero groups of {board.group_width}; "
+                                       f"instructions alone: {detail} -> {best.value}"))
     return choices

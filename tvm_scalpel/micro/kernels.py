@@ -3,7 +3,7 @@
 Fixed point throughout: int16 activations and weights, int32 accumulators and biases; a layer's result
 is ``clamp((acc + 2^(s-1)) >> s, lo, 32767)`` with ``lo = 0`` when a ReLU is fused. Three ways to
 multiply a weight matrix [O, K] by P input vectors (P = 1 for a Linear layer, the output pixels of a
-conv after im2col; inputs are pixel-major rows of Kp = K rounded up to even int16):
+conv after im2col; inputs are pixel-major rows of Kp = K rounded up to whole groups of w int16):
 
 - ``dense``: every weight, one SIMD multiply-accumulate per group of w weights;
 - ``group``: Scalpel's SIMD-aware format: one index per kept group of w weights, one SIMD MAC per
@@ -91,7 +91,6 @@ class Simd:
 
 DSP = Simd("dsp", 2, "int32", 1)  # Cortex-M4 DSP extension
 MVE = Simd("mve", 8, "int16", 8)  # Cortex-M55 Helium
-SIMD = {s.name: s for s in (DSP, MVE)}
 
 
 def _mul(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
