@@ -80,7 +80,42 @@ def test_csr_nt(host_spec, m, k, n, density, seed):
     c = F.encode_csr(W)
     X = rng.standard_normal((n, k)).astype("float32")
     kern = CompiledKernel(cpu.csr_nt(m, k, n, host_spec), host_spec)
-    _close(kern(X, c.values, c.col_idx, c.row_ptr, out_shape=(n, m)), X @ W.T)
+    _close(kern(X, c.values.reshape(-1, 1), c.col_idx, c.row_ptr, out_shape=(n, m)), X @ W.T)
+
+
+def _epilogue_ref(y, bias, ep, axis):
+    """numpy reference of ``ep`` on y: + bias along ``axis`` (the output-channel axis), then ReLU."""
+    if ep.bias:
+        y = y + (bias[None, :] if axis == 1 else bias[:, None])
+    return np.maximum(y, 0) if ep.relu else y
+
+
+EPILOGUES = st.sampled_from([cpu.Epilogue(bias=True), cpu.Epilogue(relu=True), cpu.Epilogue(bias=True, relu=True)])
+
+
+@SETTINGS
+@given(**dims, w=st.sampled_from([1, 4, 16]), density=st.floats(0, 1), seed=st.integers(0, 9999), ep=EPILOGUES)
+def test_epilogues(host_spec, m, k, n, w, density, seed, ep):
+    """Every layer kernel adds B[row] and applies ReLU before its store, and takes B only with a bias."""
+    g, Wm, rng = _group_pruned(seed, m, k, w, density)
+    X = rng.standard_normal((n, k)).astype("float32")
+    D = rng.standard_normal((k, n)).astype("float32")
+    bias = rng.standard_normal(m).astype("float32")
+    B = [bias] if ep.bias else []
+    c = F.encode_csr(Wm)
+    cases = [
+        (cpu.dense_nt(m, k, n, host_spec, ep), [X, Wm, *B], (n, m), _epilogue_ref(X @ Wm.T, bias, ep, 1)),
+        (cpu.group_sparse_nt(m, k, w, n, host_spec, ep), [X, g.values, g.col_idx, g.row_ptr, *B], (n, m),
+         _epilogue_ref(X @ Wm.T, bias, ep, 1)),
+        (cpu.csr_nt(m, k, n, host_spec, ep), [X, c.values.reshape(-1, 1), c.col_idx, c.row_ptr, *B], (n, m),
+         _epilogue_ref(X @ Wm.T, bias, ep, 1)),
+        (cpu.dense_gemm(m, k, n, host_spec, epilogue=ep), [Wm, D, *B], (m, n), _epilogue_ref(Wm @ D, bias, ep, 0)),
+        (cpu.group_sparse_gemm(m, k, w, n, host_spec, epilogue=ep), [g.values, g.col_idx, g.row_ptr, D, *B], (m, n),
+         _epilogue_ref(Wm @ D, bias, ep, 0)),
+    ]
+    for func, args, shape, ref in cases:
+        assert len(func.params) == len(args) + 1, func.attrs["global_symbol"]
+        _close(CompiledKernel(func, host_spec)(*args, out_shape=shape), ref)
 
 
 def test_one_kernel_serves_any_pattern_of_its_shape(host_spec):

@@ -43,8 +43,10 @@ def test_linear_csr_equals_masked_torch(host_spec, path, batch):
     model = _magnitude_prune(MLP().eval(), 0.9, seed=batch)
     x = torch.randn(batch, 784)
     out = RewriteCSR(CSRConfig(host_spec, layers=MLP_KEYS))(_import(model, x, path))
-    assert _csr_kernels(out) == [f"csr_nt_100x300_b{batch}", f"csr_nt_10x100_b{batch}", f"csr_nt_300x784_b{batch}"]
-    assert "relax.matmul" not in _ops(out)
+    # bias and ReLU fused into the kernels (fc3 has no ReLU after it)
+    assert _csr_kernels(out) == [f"csr_nt_100x300_b{batch}_bias_relu", f"csr_nt_10x100_b{batch}_bias",
+                                 f"csr_nt_300x784_b{batch}_bias_relu"]
+    assert not {"relax.matmul", "relax.add", "relax.nn.relu"} & set(_ops(out))
     np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -54,12 +56,14 @@ def test_constants_are_the_csr_encoding(host_spec):
         _import(model, torch.randn(1, 784), "export"))
     ops = _ops(out)
     assert ops.count("relax.call_tir") == 1 and ops.count("relax.matmul") == 2  # only fc1 was chosen
+    assert ops.count("relax.add") == 2 and ops.count("relax.nn.relu") == 1  # fc1's went into its kernel
     calls = [b.value for blk in out["main"].body.blocks for b in blk.bindings
              if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.call_tir")]
-    values, col_idx, row_ptr = (c.value.numpy() for c in calls[0].args[1].fields[1:])
+    values, col_idx, row_ptr, bias = (c.value.numpy() for c in calls[0].args[1].fields[1:])
     csr = F.encode_csr(model.fc1.weight.detach().numpy())
-    assert values.shape == (csr.nnz,) and csr.nnz == np.count_nonzero(model.fc1.weight.detach().numpy())
-    np.testing.assert_array_equal(values, csr.values)
+    assert values.shape == (csr.nnz, 1) and csr.nnz == np.count_nonzero(model.fc1.weight.detach().numpy())
+    np.testing.assert_array_equal(values[:, 0], csr.values)
+    np.testing.assert_array_equal(bias, model.fc1.bias.detach().numpy())
     np.testing.assert_array_equal(col_idx, csr.col_idx)
     np.testing.assert_array_equal(row_ptr, csr.row_ptr)
     assert row_ptr[1] == row_ptr[0]  # row 0 is empty

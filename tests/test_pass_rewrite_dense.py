@@ -30,8 +30,8 @@ def test_after_group_sparse_only_the_dense_layers_remain(host_spec):
     mod = RewriteGroupSparse(GroupSparseConfig(host_spec))(_import(model, x, "export"))
     out = RewriteDense(DenseConfig(host_spec))(mod)
     names = sorted(gv.name_hint for gv in out.get_global_vars() if gv.name_hint != "main")
-    assert names == ["dense_nt_10x100_b1", f"group_sparse_nt_100x300_w{host_spec.lanes()}_b1",
-                     f"group_sparse_nt_300x784_w{host_spec.lanes()}_b1"]
+    assert names == ["dense_nt_10x100_b1_bias", f"group_sparse_nt_100x300_w{host_spec.lanes()}_b1_bias_relu",
+                     f"group_sparse_nt_300x784_w{host_spec.lanes()}_b1_bias_relu"]
     np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 

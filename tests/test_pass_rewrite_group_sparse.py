@@ -75,8 +75,8 @@ def test_compiled_equals_masked_torch(host_spec, path, batch, density):
     x = torch.randn(batch, 784)
     mod = _import(model, x, path)
     out = RewriteGroupSparse(GroupSparseConfig(host_spec))(mod)
-    assert _kernel_calls(out) == [f"group_sparse_nt_100x300_w{host_spec.lanes()}_b{batch}",
-                                  f"group_sparse_nt_300x784_w{host_spec.lanes()}_b{batch}"]
+    assert _kernel_calls(out) == [f"group_sparse_nt_100x300_w{host_spec.lanes()}_b{batch}_bias_relu",
+                                  f"group_sparse_nt_300x784_w{host_spec.lanes()}_b{batch}_bias_relu"]
     np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -87,10 +87,14 @@ def test_structure_after_rewrite(host_spec):
     assert ops.count("relax.call_tir") == 2  # fc1, fc2
     assert ops.count("relax.matmul") == 1  # fc3 is dense: left alone
     assert ops.count("relax.permute_dims") == 1  # the dead transposes of fc1/fc2 are gone
-    # The kernel's constants are the encoded weight: values [G, w], one index per group, row pointers.
+    # fc1's and fc2's bias adds and ReLUs are in their kernels: only fc3's add is left
+    assert ops.count("relax.add") == 1 and "relax.nn.relu" not in ops
+    # The kernel's constants are the encoded weight: values [G, w], one index per group, row pointers;
+    # then the bias.
     calls = [b.value for blk in out["main"].body.blocks for b in blk.bindings
              if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.call_tir")]
-    values, col_idx, row_ptr = (c.value.numpy() for c in calls[0].args[1].fields[1:])
+    values, col_idx, row_ptr, bias = (c.value.numpy() for c in calls[0].args[1].fields[1:])
+    np.testing.assert_array_equal(bias, model.fc1.bias.detach().numpy())
     g = F.encode(model.fc1.weight.detach().numpy(), host_spec.lanes())
     np.testing.assert_array_equal(values, g.values)
     np.testing.assert_array_equal(col_idx, g.col_idx)

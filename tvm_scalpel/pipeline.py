@@ -1,7 +1,8 @@
 """The one build flow: ``pipeline(target)`` as ``tvm.compile(mod, target, relax_pipeline=...)``, or
 ``build(mod, target)`` in one call.
 
-CPU (llvm): SplitGroupedConv → FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense → TVM's dispatch + legalization + fusion
+CPU (llvm): SplitGroupedConv → FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense (each layer's
+kernel takes over the bias add and ReLU after it) → TVM's dispatch + legalization + fusion
 → ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
 kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): SplitGroupedConv → FoldNodeMasks → RewriteTileSparse (our
 tiled kernels for every conv and tile-sparse Linear, skipping pruned tiles) → TVM's CUDA pipeline (dlight

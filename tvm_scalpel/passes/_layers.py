@@ -1,11 +1,16 @@
 """Shared matching for the layer-lowering passes: find constant-weight Linear / Conv2d calls and emit
 kernel calls for them. Each pass decides *which* kernel; this module knows how layers look in Relax.
+
+A rewriter with ``fuses_epilogue`` also takes the layer's bias add and ReLU into its kernel (an
+``Epilogue``) when they follow the layer directly and nothing else reads the intermediate tensors:
+``matmul → add(bias) → relu`` (torch.export: ``add(bias, matmul)``; conv: ``add(conv, reshape(bias))``)
+becomes one kernel call, so the bias and the activation cost no VM call and no pass over the output.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tvm
@@ -35,10 +40,20 @@ class Linear:
     x: relax.Expr
     weight: np.ndarray  # [out, in]
     batch: int
+    bias: np.ndarray | None = field(default=None, repr=False)  # [out], fused from the following add
+    relu: bool = False  # a following ReLU, fused
 
     @property
     def key(self) -> str:
         return layer_key(self.weight.shape)
+
+    @property
+    def epilogue(self) -> cpu.Epilogue:
+        return cpu.Epilogue(bias=self.bias is not None, relu=self.relu)
+
+    def bias_args(self) -> list[relax.Expr]:
+        """The kernel's B[m] input (last before the output), if the layer has a fused bias."""
+        return [] if self.bias is None else [relax.const(self.bias)]
 
 
 @dataclass(frozen=True)
@@ -50,10 +65,15 @@ class Conv2d:
     shape: tuple[int, int, int, int]  # the input's (b, c, h, w)
     stride: tuple[int, int]
     pad: tuple[int, int]
+    bias: np.ndarray | None = field(default=None, repr=False)  # [oc], fused from the following add
+    relu: bool = False
 
     @property
     def key(self) -> str:
         return layer_key(self.weight.shape)
+
+    epilogue = Linear.epilogue
+    bias_args = Linear.bias_args
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -71,13 +91,110 @@ def static_shape(x: relax.Expr, ndim: int) -> list[int] | None:
     return None if None in dims else dims
 
 
+@dataclass(frozen=True)
+class _Epilogue:
+    """The bias add and ReLU after a layer's binding that its kernel can take over."""
+
+    tail: relax.Var  # the last binding the fused kernel computes (the relu, or the add)
+    replaced: frozenset  # the bindings the fused kernel makes redundant (the add and the relu)
+    bias: np.ndarray | None  # per output channel
+    relu: bool
+
+
+def _op_is(value: relax.Expr, name: str) -> bool:
+    return isinstance(value, relax.Call) and value.op == tvm.ir.Op.get(name)
+
+
+def _channel_bias(value: np.ndarray | None, out_shape: list[int]) -> np.ndarray | None:
+    """``value`` as a per-channel [C] vector if adding it to an [N, C, ...] output adds value[c] to
+    channel c (shapes (C,), (1, C), (C, 1, 1), (1, C, 1, 1), ...), else None."""
+    if value is None or value.dtype != np.float32 or value.ndim > len(out_shape):
+        return None
+    dims = (1,) * (len(out_shape) - value.ndim) + value.shape
+    if dims[1] != out_shape[1] or any(d != 1 for i, d in enumerate(dims) if i != 1):
+        return None
+    return np.ascontiguousarray(value.reshape(-1))
+
+
+def find_epilogues(func: relax.Function) -> dict[relax.Var, _Epilogue]:
+    """For each Linear / Conv2d binding in ``func``'s dataflow blocks, the bias add and ReLU that follow
+    it directly (each the only reader of the tensor before it, all of them dataflow vars)."""
+    found = {}
+    for block in func.body.blocks:
+        if isinstance(block, relax.DataflowBlock):
+            found.update(_block_epilogues(block))
+    return found
+
+
+def _block_epilogues(block: relax.DataflowBlock) -> dict[relax.Var, _Epilogue]:
+    found = {}
+    values = {b.var: b.value for b in block.bindings if isinstance(b, relax.VarBinding)}
+    users = relax.analysis.udchain(block)
+
+    def only_reader(var):
+        readers = users.get(var, [])
+        ok = isinstance(var, relax.DataflowVar) and len(readers) == 1 and readers[0] in values
+        return readers[0] if ok else None
+
+    def constant(expr):  # a constant, or a reshape of one (how torch.export shapes a conv bias)
+        expr = values.get(expr, expr)
+        if _op_is(expr, "relax.reshape") and constant_array(expr.args[0]) is not None:
+            shape = static_shape(expr, ndim=expr.ty.ndim)
+            return None if shape is None else constant_array(expr.args[0]).reshape(shape)
+        return constant_array(expr)
+
+    for head, value in values.items():
+        out_shape = static_shape(head, ndim=2 if _op_is(value, "relax.matmul") else 4)
+        if not (_op_is(value, "relax.matmul") or _op_is(value, "relax.nn.conv2d")) or out_shape is None:
+            continue
+        tail, replaced, bias, relu = head, [], None, False
+        nxt = only_reader(tail)
+        if nxt is not None and _op_is(values[nxt], "relax.add"):
+            a, b = values[nxt].args
+            other = b if a.same_as(tail) else a if b.same_as(tail) else None
+            bias = None if other is None else _channel_bias(constant(other), out_shape)
+            if bias is not None:
+                tail = nxt
+                replaced.append(nxt)
+                nxt = only_reader(tail)
+        if nxt is not None and _op_is(values[nxt], "relax.nn.relu"):
+            tail, relu = nxt, True
+            replaced.append(nxt)
+        if replaced:
+            found[head] = _Epilogue(tail, frozenset(replaced), bias, relu)
+    return found
+
+
 class LayerRewriter(PyExprMutator):
     """Base mutator: calls ``rewrite_linear`` / ``rewrite_conv2d`` for every matched layer (their
-    result replaces the call; returning None leaves the call alone) and records the layer keys seen."""
+    result replaces the call; returning None leaves the call alone) and records the layer keys seen.
+
+    With ``fuses_epilogue`` the layer handed to them carries the bias and ReLU that follow it
+    (``find_epilogues``); a rewrite that returns a call must then apply them (``layer.epilogue``,
+    ``layer.bias_args()``), and the add and relu bindings are dropped."""
+
+    fuses_epilogue = False
 
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
         self.seen_keys: set[str] = set()
+        self.epilogues: dict[relax.Var, _Epilogue] = {}
+        self._pending: _Epilogue | None = None  # the epilogue of the binding being visited
+        self._fused = False
+        self._replaced: set[relax.Var] = set()
+
+    def start_function(self, func: relax.Function) -> None:
+        self.epilogues = find_epilogues(func) if self.fuses_epilogue else {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self._replaced:
+            return  # computed by a fused layer kernel
+        self._pending, self._fused = self.epilogues.get(binding.var), False
+        super().visit_var_binding_(binding)
+        if self._fused:
+            self.set_var_remap(self._pending.tail, self.get_var_remap(binding.var))
+            self._replaced |= self._pending.replaced
+        self._pending = None
 
     # -- subclass hooks --------------------------------------------------------------------------
     def rewrite_linear(self, layer: Linear) -> relax.Expr | None:
@@ -97,7 +214,11 @@ class LayerRewriter(PyExprMutator):
         if layer is None:
             return call
         self.seen_keys.add(layer.key)
+        ep = self._pending
+        if ep is not None:
+            layer = replace(layer, bias=ep.bias, relu=ep.relu)
         out = self.rewrite_linear(layer) if isinstance(layer, Linear) else self.rewrite_conv2d(layer)
+        self._fused = out is not None and ep is not None
         return call if out is None else out
 
     def _bound(self, expr: relax.Expr) -> relax.Expr:
@@ -152,8 +273,8 @@ class LayerRewriter(PyExprMutator):
 
     def emit_conv_gemm(self, layer: Conv2d, gemm: tvm.tirx.PrimFunc, gemm_name: str,
                        weight_args: list[relax.Expr], im2col_kernel=cpu.im2col) -> relax.Expr:
-        """im2col of the whole batch, ``gemm(*weight_args, cols)`` → O[oc, b·oh·ow], back to NCHW.
-        ``im2col_kernel`` builds the im2col PrimFunc (the CPU one by default)."""
+        """im2col of the whole batch, ``gemm(*weight_args, cols[, bias])`` → O[oc, b·oh·ow], back to
+        NCHW. ``im2col_kernel`` builds the im2col PrimFunc (the CPU one by default)."""
         b, c, h, w = layer.shape
         oc, _, kh, kw = layer.weight.shape
         oh, ow = layer.out_hw
@@ -163,7 +284,7 @@ class LayerRewriter(PyExprMutator):
         cols = self.builder_.emit(relax.call_tir(im2col, [layer.x], out_ty=relax.TensorType(
             (c * kh * kw, npix), F32)))
         gv = self.add_kernel(gemm, gemm_name)
-        out = self.builder_.emit(relax.call_tir(gv, [*weight_args, cols], out_ty=relax.TensorType(
+        out = self.builder_.emit(relax.call_tir(gv, [*weight_args, cols, *layer.bias_args()], out_ty=relax.TensorType(
             (oc, npix), F32)))
         if b == 1:
             return relax.op.reshape(out, (1, oc, oh, ow))
@@ -175,6 +296,7 @@ def run_layer_pass(mod: tvm.IRModule, rewriter: LayerRewriter, configured_keys, 
     """Apply a LayerRewriter to every Relax function; unknown per-layer keys are a PlanError."""
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
+            rewriter.start_function(func)
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     unknown = set(configured_keys) - rewriter.seen_keys
     if unknown:

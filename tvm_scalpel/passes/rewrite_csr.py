@@ -4,7 +4,8 @@ This is how *traditional* pruning (Han et al.: magnitude, unstructured) runs, th
 the weight is stored in CSR (values, a column index per value, row pointers) and computed with
 scalar gathers, so its speed shows what an index per weight costs next to Scalpel's groups.
 
-- Linear → ``call_tir(csr_nt, [x, values, col_idx, row_ptr])``.
+- Linear → ``call_tir(csr_nt, [x, values, col_idx, row_ptr(, bias)])``; the bias add and ReLU after the
+  layer run inside the kernel (``_layers.find_epilogues``).
 - Conv2d (NCHW/OIHW, groups 1, dilation 1, symmetric padding) → ``im2col`` of the whole batch and a
   CSR GEMM on W flattened per filter. The CSR GEMM is ``group_sparse_gemm`` at w = 1, whose encoding
   (values[nnz, 1], col_idx[nnz], row_ptr) is CSR byte for byte.
@@ -39,12 +40,16 @@ class CSRConfig:
 
 
 def _csr_constants(weight_2d: np.ndarray) -> list[tvm.relax.Expr]:
+    """values[nnz, 1] (the w = 1 group layout of CSR's bytes, what both CSR kernels read), col_idx, row_ptr."""
     c = formats.encode_csr(weight_2d)
-    return [tvm.relax.const(np.array(a)) for a in (c.values, c.col_idx, c.row_ptr)]
+    values = np.ascontiguousarray(c.values.reshape(-1, 1))
+    return [tvm.relax.const(np.array(a)) for a in (values, c.col_idx, c.row_ptr)]
 
 
 @tvm.relax.expr_functor.mutator
 class _Rewriter(LayerRewriter):
+    fuses_epilogue = True
+
     def __init__(self, mod: tvm.IRModule, config: CSRConfig):
         super().__init__(mod)
         self.config = config
@@ -60,8 +65,9 @@ class _Rewriter(LayerRewriter):
         if not self._chosen(layer.key, layer.weight):
             return None
         (out_f, in_f), batch = layer.weight.shape, layer.batch
-        gv = self.add_kernel(cpu.csr_nt(out_f, in_f, batch, self.config.spec), f"csr_nt_{out_f}x{in_f}_b{batch}")
-        return tvm.relax.call_tir(gv, [layer.x, *_csr_constants(layer.weight)],
+        gv = self.add_kernel(cpu.csr_nt(out_f, in_f, batch, self.config.spec, layer.epilogue),
+                             f"csr_nt_{out_f}x{in_f}_b{batch}{layer.epilogue.suffix}")
+        return tvm.relax.call_tir(gv, [layer.x, *_csr_constants(layer.weight), *layer.bias_args()],
                                   out_ty=tvm.relax.TensorType((batch, out_f), "float32"))
 
     def rewrite_conv2d(self, layer: Conv2d):
@@ -69,11 +75,9 @@ class _Rewriter(LayerRewriter):
         if not self._chosen(layer.key, w2):
             return None
         npix = layer.shape[0] * layer.out_hw[0] * layer.out_hw[1]
-        gemm = cpu.group_sparse_gemm(w2.shape[0], w2.shape[1], 1, npix, self.config.spec)
-        c = formats.encode_csr(w2)
-        values = np.ascontiguousarray(c.values.reshape(-1, 1))  # the w = 1 group layout of the same bytes
-        args = [tvm.relax.const(a) for a in (values, np.array(c.col_idx), np.array(c.row_ptr))]
-        return self.emit_conv_gemm(layer, gemm, f"csr_gemm_{w2.shape[0]}x{w2.shape[1]}_n{npix}", args)
+        gemm = cpu.group_sparse_gemm(w2.shape[0], w2.shape[1], 1, npix, self.config.spec, epilogue=layer.epilogue)
+        name = f"csr_gemm_{w2.shape[0]}x{w2.shape[1]}_n{npix}{layer.epilogue.suffix}"
+        return self.emit_conv_gemm(layer, gemm, name, _csr_constants(w2))
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteCSR")

@@ -2,7 +2,8 @@
 kernels.
 
 - Linear (``matmul(x, permute_dims(W))`` as torch.export and ONNX import it, or ``matmul(x, Wt)`` with a
-  constant [in, out] ``Wt``) → ``call_tir(group_sparse_nt, [x, values, col_idx, row_ptr])``.
+  constant [in, out] ``Wt``) → ``call_tir(group_sparse_nt, [x, values, col_idx, row_ptr(, bias)])``; the
+  bias add and ReLU after the layer run inside the kernel (``_layers.find_epilogues``).
 - Conv2d (NCHW/OIHW, groups 1, dilation 1, symmetric padding) → ``im2col`` of the whole batch, one
   ``group_sparse_gemm`` on W flattened per filter, and a reshape (plus a transpose when batch > 1).
 
@@ -54,6 +55,8 @@ class GroupSparseConfig:
 
 @tvm.relax.expr_functor.mutator
 class _Rewriter(LayerRewriter):
+    fuses_epilogue = True
+
     def __init__(self, mod: tvm.IRModule, config: GroupSparseConfig):
         super().__init__(mod)
         self.config = config
@@ -71,9 +74,9 @@ class _Rewriter(LayerRewriter):
         if not self._wins(layer.key, layer.weight, self.config.fc_min_sparsity):
             return None
         (out_f, in_f), w, batch = layer.weight.shape, self.config.w, layer.batch
-        gv = self.add_kernel(cpu.group_sparse_nt(out_f, in_f, w, batch, self.config.spec),
-                             f"group_sparse_nt_{out_f}x{in_f}_w{w}_b{batch}")
-        return tvm.relax.call_tir(gv, [layer.x, *encoded_constants(layer.weight, w)],
+        gv = self.add_kernel(cpu.group_sparse_nt(out_f, in_f, w, batch, self.config.spec, layer.epilogue),
+                             f"group_sparse_nt_{out_f}x{in_f}_w{w}_b{batch}{layer.epilogue.suffix}")
+        return tvm.relax.call_tir(gv, [layer.x, *encoded_constants(layer.weight, w), *layer.bias_args()],
                                   out_ty=tvm.relax.TensorType((batch, out_f), "float32"))
 
     def rewrite_conv2d(self, layer: Conv2d):
@@ -82,8 +85,9 @@ class _Rewriter(LayerRewriter):
             return None
         b, w = layer.shape[0], self.config.w
         npix = b * layer.out_hw[0] * layer.out_hw[1]
-        gemm = cpu.group_sparse_gemm(w2.shape[0], w2.shape[1], w, npix, self.config.spec)
-        return self.emit_conv_gemm(layer, gemm, f"group_sparse_gemm_{w2.shape[0]}x{w2.shape[1]}_w{w}_n{npix}",
+        gemm = cpu.group_sparse_gemm(w2.shape[0], w2.shape[1], w, npix, self.config.spec, epilogue=layer.epilogue)
+        name = f"group_sparse_gemm_{w2.shape[0]}x{w2.shape[1]}_w{w}_n{npix}{layer.epilogue.suffix}"
+        return self.emit_conv_gemm(layer, gemm, name,
                                    encoded_constants(w2, w))
 
 
