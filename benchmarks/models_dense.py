@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     return model(x)
 
-            variants += [H.Variant(key=(*tag, "tvm_scalpel"), fn=lambda vm=vm, xt=xt: vm["main"](xt)),
+            variants += [H.Variant(key=(*tag, "tvm_scalpel"), fn=lambda f=vm["main"], xt=xt: f(xt)),
                          H.Variant(key=(*tag, "torch_1t"), fn=lambda e=eager: e(1)),
                          H.Variant(key=(*tag, "torch_2t"), fn=lambda e=eager: e(2))]
     H.run_interleaved(variants, args.rounds, cold=False)
