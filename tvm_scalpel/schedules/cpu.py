@@ -177,6 +177,27 @@ def _columns(n: int, lanes: int, nv: int) -> _Columns:
 # ----------------------------------------------------------------------------------------------
 
 
+def _dense_func(body, name: str, shapes: tuple, m: int, epilogue: Epilogue) -> tirx.PrimFunc:
+    """The PrimFunc around a dense ``body(A, C, B, Out)``: inputs A, C and Out of ``shapes``, and B[m]
+    between the inputs and the output with a bias epilogue."""
+    a_shape, c_shape, out_shape = shapes
+    if epilogue.bias:
+        @T.prim_func
+        def kernel_b(A: T.Buffer(a_shape, F32), C: T.Buffer(c_shape, F32), B: T.Buffer((m,), F32),
+                     Out: T.Buffer(out_shape, F32)):
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            body(A, C, B, Out)
+
+        return kernel_b
+
+    @T.prim_func
+    def kernel(A: T.Buffer(a_shape, F32), C: T.Buffer(c_shape, F32), Out: T.Buffer(out_shape, F32)):
+        T.func_attr({"global_symbol": name, "tir.noalias": True})
+        body(A, C, None, Out)
+
+    return kernel
+
+
 def dense_nt(m: int, k: int, n: int, spec: HardwareSpec, epilogue: Epilogue = NO_EPILOGUE) -> tirx.PrimFunc:
     """Y[n, m] = X[n, k] · W[m, k]ᵀ (+ B[m], ReLU: ``epilogue``), dense; n = 1 is the matrix-vector product."""
     _check_dims(m=m, k=k, n=n)
@@ -216,21 +237,7 @@ def dense_nt(m: int, k: int, n: int, spec: HardwareSpec, epilogue: Epilogue = NO
             for s in range(n):
                 tile(X, W, B, Y, s, mt * mb_ + r, 1, 1)
 
-    if epilogue.bias:
-        @T.prim_func
-        def kernel_b(X: T.Buffer((n, k), F32), W: T.Buffer((m, k), F32), B: T.Buffer((m,), F32),
-                     Y: T.Buffer((n, m), F32)):
-            T.func_attr({"global_symbol": "dense_nt", "tir.noalias": True})
-            body(X, W, B, Y)
-
-        return kernel_b
-
-    @T.prim_func
-    def kernel(X: T.Buffer((n, k), F32), W: T.Buffer((m, k), F32), Y: T.Buffer((n, m), F32)):
-        T.func_attr({"global_symbol": "dense_nt", "tir.noalias": True})
-        body(X, W, None, Y)
-
-    return kernel
+    return _dense_func(body, "dense_nt", ((n, k), (m, k), (n, m)), m, epilogue)
 
 
 def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int] = (8, 3),
@@ -268,21 +275,7 @@ def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int]
                             O[T.min(t * mb, m - mb) + i, cols.offset(blk, v) + l] = epilogue(
                                 acc[i, v, l], B, T.min(t * mb, m - mb) + i)
 
-    if epilogue.bias:
-        @T.prim_func
-        def kernel_b(W: T.Buffer((m, k), F32), D: T.Buffer((k, n), F32), B: T.Buffer((m,), F32),
-                     O: T.Buffer((m, n), F32)):
-            T.func_attr({"global_symbol": "dense_gemm", "tir.noalias": True})
-            body(W, D, B, O)
-
-        return kernel_b
-
-    @T.prim_func
-    def kernel(W: T.Buffer((m, k), F32), D: T.Buffer((k, n), F32), O: T.Buffer((m, n), F32)):
-        T.func_attr({"global_symbol": "dense_gemm", "tir.noalias": True})
-        body(W, D, None, O)
-
-    return kernel
+    return _dense_func(body, "dense_gemm", ((m, k), (k, n), (m, n)), m, epilogue)
 
 
 # ----------------------------------------------------------------------------------------------
