@@ -128,6 +128,17 @@ def test_generated_c_is_plain_and_uses_smlad_only_where_pairs_survive():
     assert "__usat(" in bodies["d"] and "__ssat(" in bodies["g"]  # ReLU fused as the lower bound
 
 
+def test_im2col_copies_word_pairs_without_padding():
+    """Unpadded: each kernel row of KW = 5 inputs is two 32-bit pair copies and one int16; padded: the
+    bounds-checked element copy. (Bit-exactness of both is checked on QEMU below.)"""
+    src = codegen.to_c({"u": kernels.im2col(2, 6, 6, 5, 5, 1, 0, 2, 2, 50),
+                        "p": kernels.im2col(2, 6, 6, 5, 5, 1, 1, 4, 4, 50)})
+    bodies = dict(re.findall(r"void (\w)\(.*?\) \{(.*?)\n\}", src, re.S))
+    assert re.search(r"kw2 < 2; \+\+kw2\) \{\s*scalpel_copy2\(", bodies["u"])  # two pairs a row
+    assert "scalpel_copy2" not in bodies["p"]
+    assert "memcpy(dst, src, 4)" in src.split("#define TVM_DLL")[0]
+
+
 def test_helium_kernels_use_one_vector_mac_per_group_of_eight():
     """Cortex-M55: dense and group kernels call the MVE helper once per group of 8 int16 (one index per
     group in the group kernel); CSR stays scalar. The helper is defined in the prelude for MVE builds."""

@@ -222,7 +222,10 @@ def csr(O: int, Kp: int, NNZ: int, P: int, shift: int, relu: bool, cfg: KernelCo
 def im2col(C: int, H: int, W: int, KH: int, KW: int, stride: int, pad: int, OH: int, OW: int,
            Kp: int) -> tirx.PrimFunc:
     """x [C, H, W] → patches [OH·OW, Kp], each output pixel's receptive field contiguous (c, kh, kw
-    order, the per-filter flattening of the weights); zero outside the image and in the pad column."""
+    order, the per-filter flattening of the weights); zero outside the image and in the pad column.
+
+    Without padding each kernel row is a contiguous run of KW inputs, copied two int16 at a time
+    (``scalpel_copy2``: one 32-bit load and store instead of two 16-bit ones)."""
     _check(C=C, H=H, W=W, KH=KH, KW=KW, stride=stride, pad=pad, OH=OH, OW=OW, Kp=Kp)
     K = C * KH * KW
 
@@ -235,11 +238,21 @@ def im2col(C: int, H: int, W: int, KH: int, KW: int, stride: int, pad: int, OH: 
             for ow in range(OW):
                 for c in range(C):
                     for kh in range(KH):
-                        for kw in range(KW):
-                            out[(oh * OW + ow) * Kp + (c * KH + kh) * KW + kw] = T.if_then_else(
-                                oh * stride + kh >= pad and oh * stride + kh < H + pad
-                                and ow * stride + kw >= pad and ow * stride + kw < W + pad,
-                                x[(c * H + oh * stride + kh - pad) * W + ow * stride + kw - pad], T.int16(0))
+                        if pad == 0:
+                            for kw2 in range(KW // 2):
+                                T.evaluate(T.call_extern(
+                                    "void", "scalpel_copy2",
+                                    T.address_of(out[(oh * OW + ow) * Kp + (c * KH + kh) * KW + 2 * kw2]),
+                                    T.address_of(x[(c * H + oh * stride + kh) * W + ow * stride + 2 * kw2])))
+                            for kw in range(KW % 2):
+                                out[(oh * OW + ow) * Kp + (c * KH + kh) * KW + KW - 1 + kw] = x[
+                                    (c * H + oh * stride + kh) * W + ow * stride + KW - 1 + kw]
+                        else:
+                            for kw in range(KW):
+                                out[(oh * OW + ow) * Kp + (c * KH + kh) * KW + kw] = T.if_then_else(
+                                    oh * stride + kh >= pad and oh * stride + kh < H + pad
+                                    and ow * stride + kw >= pad and ow * stride + kw < W + pad,
+                                    x[(c * H + oh * stride + kh - pad) * W + ow * stride + kw - pad], T.int16(0))
                 for k in range(Kp - K):
                     out[(oh * OW + ow) * Kp + K + k] = T.int16(0)
 
