@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from tvm import relax
 
 from tvm_scalpel.passes.rewrite_dense import DenseConfig, RewriteDense
 
@@ -20,6 +21,7 @@ def _rewrite_and_check(spec, model, x, path="export"):
     mod = _import(model, x, path)
     before = mod.script(show_meta=True)
     out = RewriteDense(DenseConfig(spec))(mod)
+    relax.analysis.well_formed(out)  # raises on e.g. a dataflow var used outside its block
     assert mod.script(show_meta=True) == before  # the input module is not mutated
     with torch.no_grad():
         np.testing.assert_allclose(_run(out, spec, x), model(x).numpy(), rtol=1e-4, atol=1e-5)
@@ -43,6 +45,15 @@ def test_conv_bias_and_relu_move_into_the_gemm(host_spec, batch, relu):
     suffix = "_bias_relu" if relu else "_bias"
     assert [k for k in _kernels(out) if k.startswith("dense_gemm")] == [f"dense_gemm_8x27_n{batch * 81}{suffix}"]
     assert not {"relax.add", "relax.nn.relu"} & set(_ops(out))
+
+
+@pytest.mark.parametrize("path", ["export", "onnx"])
+def test_the_output_layer_fuses_and_stays_the_output(host_spec, path):
+    """ONNX binds the last add to the dataflow block's output var itself: the fused kernel's result must
+    be bound to an output var, not a dataflow var used outside its block."""
+    model = torch.nn.Sequential(torch.nn.Linear(20, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4))
+    out = _rewrite_and_check(host_spec, model, torch.randn(1, 20), path)
+    assert _kernels(out) == ["dense_nt_4x9_b1_bias", "dense_nt_9x20_b1_bias_relu"]
 
 
 @pytest.mark.parametrize("path", ["export", "onnx"])

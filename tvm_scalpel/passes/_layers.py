@@ -192,7 +192,10 @@ class LayerRewriter(PyExprMutator):
         self._pending, self._fused = self.epilogues.get(binding.var), False
         super().visit_var_binding_(binding)
         if self._fused:
-            self.set_var_remap(self._pending.tail, self.get_var_remap(binding.var))
+            fused, tail = self.get_var_remap(binding.var), self._pending.tail
+            if not isinstance(tail, relax.DataflowVar):  # the block's output (ONNX): keep it an output var
+                fused = self.builder_.emit_output(fused, name_hint=tail.name)
+            self.set_var_remap(tail, fused)
             self._replaced |= self._pending.replaced
         self._pending = None
 
