@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from test_pass_rewrite_group_sparse import _import, _ops, _run
 from tvm import relax
 
 from tvm_scalpel.passes.rewrite_dense import DenseConfig, RewriteDense
-
-from test_pass_rewrite_group_sparse import _import, _ops, _run
 
 
 def _kernels(mod):
