@@ -33,8 +33,23 @@ def layer_key(weight_shape: tuple[int, ...]) -> str:
     return f"{kind}:" + "x".join(str(int(d)) for d in weight_shape)
 
 
+class _FusedEpilogue:
+    """The kernel-side view of a layer's fused ``bias`` and ``relu`` fields."""
+
+    bias: np.ndarray | None
+    relu: bool
+
+    @property
+    def epilogue(self) -> cpu.Epilogue:
+        return cpu.Epilogue(bias=self.bias is not None, relu=self.relu)
+
+    def bias_args(self) -> list[relax.Expr]:
+        """The kernel's B[m] input (last before the output), if the layer has a fused bias."""
+        return [] if self.bias is None else [relax.const(self.bias)]
+
+
 @dataclass(frozen=True)
-class Linear:
+class Linear(_FusedEpilogue):
     """``matmul(x, Wᵀ)`` with a constant weight [out, in] and a static [batch, in] fp32 input."""
 
     x: relax.Expr
@@ -47,17 +62,9 @@ class Linear:
     def key(self) -> str:
         return layer_key(self.weight.shape)
 
-    @property
-    def epilogue(self) -> cpu.Epilogue:
-        return cpu.Epilogue(bias=self.bias is not None, relu=self.relu)
-
-    def bias_args(self) -> list[relax.Expr]:
-        """The kernel's B[m] input (last before the output), if the layer has a fused bias."""
-        return [] if self.bias is None else [relax.const(self.bias)]
-
 
 @dataclass(frozen=True)
-class Conv2d:
+class Conv2d(_FusedEpilogue):
     """A plain NCHW/OIHW conv2d (groups 1, dilation 1, symmetric padding), constant weight."""
 
     x: relax.Expr
@@ -71,9 +78,6 @@ class Conv2d:
     @property
     def key(self) -> str:
         return layer_key(self.weight.shape)
-
-    epilogue = Linear.epilogue
-    bias_args = Linear.bias_args
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -118,7 +122,7 @@ def _channel_bias(value: np.ndarray | None, out_shape: list[int]) -> np.ndarray 
 
 def find_epilogues(func: relax.Function) -> dict[relax.Var, _Epilogue]:
     """For each Linear / Conv2d binding in ``func``'s dataflow blocks, the bias add and ReLU that follow
-    it directly (each the only reader of the tensor before it, all of them dataflow vars)."""
+    it directly, each the only reader of the tensor before it (a dataflow var, so no reader outside)."""
     found = {}
     for block in func.body.blocks:
         if isinstance(block, relax.DataflowBlock):
@@ -144,8 +148,10 @@ def _block_epilogues(block: relax.DataflowBlock) -> dict[relax.Var, _Epilogue]:
         return constant_array(expr)
 
     for head, value in values.items():
+        if not (_op_is(value, "relax.matmul") or _op_is(value, "relax.nn.conv2d")):
+            continue
         out_shape = static_shape(head, ndim=2 if _op_is(value, "relax.matmul") else 4)
-        if not (_op_is(value, "relax.matmul") or _op_is(value, "relax.nn.conv2d")) or out_shape is None:
+        if out_shape is None:
             continue
         tail, replaced, bias, relu = head, [], None, False
         nxt = only_reader(tail)
