@@ -31,7 +31,7 @@ def _expected(spec, w):
     g = F.encode(W, w)
     name = f"group_sparse_nt_4x32_w{w}_b1"
     kernel = (with_root_block(cpu.group_sparse_nt(4, 32, w, 1, spec)).with_attr("global_symbol", name)
-              .with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True))
+              .with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True).with_attr("scalpel.kernel", True))
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 32), "float32"))
     with bb.function("main", [x]):

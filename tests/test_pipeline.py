@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from test_pass_rewrite_group_sparse import MLP, ConvNet, _group_prune, _import
 from tvm import relax
 
 import tvm_scalpel
 from tvm_scalpel import CompilePlan, TargetError
-
-from test_pass_rewrite_group_sparse import MLP, ConvNet, _group_prune, _import
+from tvm_scalpel.passes.fuse_layer_chain import kernel_names
 
 
 def _vm_out(ex, x):
@@ -59,7 +59,7 @@ def test_no_naive_loops_left(host_spec):
         # Legalized elementwise/pool functions with room for SIMD really were vectorised/parallelised
         # (tiny ones, a few hundred scalars, rightly stay scalar loops).
         for name, f in prims.items():
-            if name.startswith(("dense_", "group_sparse_", "im2col")):
+            if name.startswith(("dense_", "group_sparse_", "im2col", "fused_chain")):
                 continue
             out_elems = int(np.prod([int(d) for d in f.params[-1].ty.shape]))
             if out_elems >= 1024 and out_elems % host_spec.lanes() == 0:
@@ -69,7 +69,7 @@ def test_no_naive_loops_left(host_spec):
 def test_pruned_model_uses_folded_and_group_sparse_layers(host_spec):
     model = _prune_nodes_and_groups(MLP().eval(), host_spec.lanes())
     lowered = tvm_scalpel.pipeline("host")(_import(model, torch.randn(1, 784), "export"))
-    names = sorted(gv.name_hint for gv in lowered.get_global_vars())
+    names = kernel_names(lowered)
     kept = int((model.fc1.weight.abs().sum(1) != 0).sum())
     assert any(n.startswith(f"group_sparse_nt_{kept}x784") for n in names), names
     assert any(n.startswith(f"group_sparse_nt_100x{kept}") or n.startswith(f"dense_nt_100x{kept}")

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from test_pass_rewrite_group_sparse import MLP, _group_prune, _import
 from tvm import relax
 
 import tvm_scalpel
 from tvm_scalpel import PlanError
+from tvm_scalpel.passes.fuse_layer_chain import kernel_names
 from tvm_scalpel.plan import Method, PruningPlan, decide
 from tvm_scalpel.profiling import HardwareProfile, LayerProfile, layer_shapes
-
-from test_pass_rewrite_group_sparse import MLP, _group_prune, _import
 
 
 def _profile(spec, shapes, crossover_by_m):
@@ -38,8 +38,7 @@ def test_cpu_decisions_follow_profile_and_reached_sparsity(host_spec):
     assert PruningPlan.from_json(plan.to_json()) == plan
     # The plan drives the build: fc1 group-sparse, fc2 and fc3 dense.
     lowered = tvm_scalpel.pipeline("host", plan.compile_plan())(mod)
-    names = sorted(gv.name_hint for gv in lowered.get_global_vars()
-                   if gv.name_hint.startswith(("dense_", "group_sparse_")))
+    names = [n for n in kernel_names(lowered) if n.startswith(("dense_", "group_sparse_"))]
     assert [n.split("_b")[0] for n in names] == [
         "dense_nt_100x300", "dense_nt_10x100", f"group_sparse_nt_300x784_w{host_spec.lanes()}"]
     x = torch.randn(1, 784)

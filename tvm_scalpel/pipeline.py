@@ -2,8 +2,8 @@
 ``build(mod, target)`` in one call.
 
 CPU (llvm): SplitGroupedConv → FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense (each layer's
-kernel takes over the bias add and ReLU after it) → TVM's dispatch + legalization + fusion
-→ ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
+kernel takes over the bias add and ReLU after it) → TVM's dispatch + legalization + FuseOps
+→ FuseLayerChain (each run of layer kernels becomes one PrimFunc, with TVM's FuseTIR) → ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
 kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): SplitGroupedConv → FoldNodeMasks → RewriteTileSparse (our
 tiled kernels for every conv and tile-sparse Linear, skipping pruned tiles) → TVM's CUDA pipeline (dlight
 schedules the rest). Cortex-M: ``build`` hands over to ``tvm_scalpel.micro`` (int16,
@@ -19,8 +19,9 @@ import tvm
 from tvm import relax
 
 from .compat import ensure_cuda_compiler
-from .errors import PlanError, TargetError
+from .errors import PlanError, ScalpelError, TargetError
 from .passes.fold_node_masks import FoldConfig, FoldNodeMasks
+from .passes.fuse_layer_chain import FuseLayerChain
 from .passes.rewrite_csr import CSRConfig, RewriteCSR
 from .passes.rewrite_dense import DenseConfig, RewriteDense
 from .passes.rewrite_group_sparse import GroupSparseConfig, RewriteGroupSparse
@@ -35,12 +36,14 @@ class CompilePlan:
     """Per-layer compile decisions, by layer key (``passes._layers.layer_key``, after node folding).
     ``layer_thresholds``: the minimum fraction of zero groups (CPU) or zero tiles (CUDA) for the sparse
     kernel (> 1 keeps the layer dense). ``csr_layers``: layers that run CSR kernels (traditional pruning, one index per
-    weight); a layer cannot be both CSR and group-sparse."""
+    weight); a layer cannot be both CSR and group-sparse. ``fuse_chains``: CPU only, run each chain of layer
+    kernels as one PrimFunc (``FuseLayerChain``; off to time or inspect the kernels one by one)."""
 
     group_width: int | None = None
     layer_thresholds: Mapping[str, float] = field(default_factory=dict)
     round_to: int = 1
     csr_layers: frozenset[str] = frozenset()
+    fuse_chains: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.csr_layers, str):
@@ -81,8 +84,13 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
             k: v for k, v in plan.layer_thresholds.items() if k not in plan.csr_layers})),
         RewriteDense(DenseConfig(spec)),
     ]
-    tvm_lowering = (cpu.library_dispatch_passes(target_obj) + cpu.legalize_passes(target_obj)
-                    + [ScheduleRemaining(spec)] + cpu.dataflow_lower_passes(target_obj)
+    legalize = cpu.legalize_passes(target_obj)
+    if legalize[-1].info.name != "FuseTIR":  # FuseLayerChain runs FuseTIR itself, after grouping chains
+        raise ScalpelError(f"tvm_scalpel.pipeline: expected TVM's CPU legalize passes to end with FuseTIR, "
+                          f"found {[p.info.name for p in legalize]}")
+    fuse = FuseLayerChain() if plan.fuse_chains else legalize[-1]
+    tvm_lowering = (cpu.library_dispatch_passes(target_obj) + legalize[:-1] + [fuse, ScheduleRemaining(spec)]
+                    + cpu.dataflow_lower_passes(target_obj)
                     + cpu.finalize_passes(target_obj))
 
     @tvm.transform.module_pass(opt_level=0, name="scalpel_cpu")

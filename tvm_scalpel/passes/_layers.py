@@ -21,6 +21,7 @@ from .. import formats
 from ..compat import constant_array, with_root_block
 from ..errors import PlanError
 from ..schedules import cpu
+from .fuse_layer_chain import KERNEL_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ class LayerRewriter(PyExprMutator):
         """Add a kernel (the builder dedupes identical ones). op_pattern 8 (opaque): it is scheduled
         already, and FuseOps must not merge it."""
         func = (with_root_block(func).with_attr("global_symbol", name).with_attr("op_pattern", 8)
-                .with_attr("tir.is_scheduled", True))
+                .with_attr("tir.is_scheduled", True).with_attr(KERNEL_ATTR, True))
         return self.builder_.add_func(func, name)
 
     def emit_conv_gemm(self, layer: Conv2d, gemm: tvm.tirx.PrimFunc, gemm_name: str,
