@@ -62,6 +62,20 @@ def test_group_sparse_nt(host_spec, m, k, n, w, density, seed):
     _close(kern(X, g.values, g.col_idx, g.row_ptr, out_shape=(n, m)), X @ Wm.T)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("copy", [True, False])
+def test_group_sparse_nt_ragged_group(host_spec, monkeypatch, n, copy):
+    """k = 2·16 + 13: the ragged last group reads a zero-padded copy of X's last 13 columns, or (when the
+    copy would not fit the stack) takes the scalar path; both exact, NaN/inf-free padding."""
+    if not copy:
+        monkeypatch.setattr(cpu, "TAIL_COPY_MAX_BYTES", 0)
+    g, Wm, rng = _group_pruned(3, 7, 45, 16, 1.0)
+    X = rng.standard_normal((n, 45)).astype("float32")
+    func = cpu.group_sparse_nt(7, 45, 16, n, host_spec)
+    assert ("XT = T.decl_buffer" in func.script()) == copy
+    _close(CompiledKernel(func, host_spec)(X, g.values, g.col_idx, g.row_ptr, out_shape=(n, 7)), X @ Wm.T)
+
+
 @SETTINGS
 @given(**dims, w=st.sampled_from([1, 2, 4, 8, 16]), density=st.floats(0, 1), seed=st.integers(0, 9999),
        pack=st.booleans(), nv=st.integers(1, 8))

@@ -10,7 +10,8 @@ pattern of its shape. Two layouts:
   a register tile of accumulators per row.
 
 Accumulators live in ``compat.stack_scratch`` memory so LLVM keeps them in registers (see there).
-Tails are exact: a ragged last group (k % w) takes a scalar path; a ragged last column vector is
+Tails are exact: a ragged last group (k % w) meets a zero-padded copy of X's last columns (a scalar
+path where that copy would not fit the stack); a ragged last column vector is
 clamped to end at n and recomputed inside the same parallel task (identical values, no race).
 
 Every layer kernel takes an ``Epilogue`` (the layer's bias and ReLU, applied before each store). With
@@ -88,29 +89,52 @@ def _chunks(rows: int, spec: HardwareSpec) -> tuple[int, int]:
 
 
 def _parallel_rows(row, m: int, n: int, k: int, spec: HardwareSpec):
-    """A macro that calls ``row(X, V, I, P, B, Y, r, n0, nb)`` for every weight row r and batch tile
-    [n0, n0 + nb) (nb ≤ 4), parallel over chunks of rows: the driver of the ``*_nt`` sparse kernels."""
+    """A macro that calls ``row(X, V, I, P, B, Y, XT, r, n0, nb)`` for every weight row r and batch tile
+    [n0, n0 + nb) (nb ≤ 4), parallel over chunks of rows: the driver of the ``*_nt`` sparse kernels.
+    XT is ``_sparse_nt_func``'s zero-padded copy of X's ragged last group (None without one)."""
     nb_ = min(n, 4)
     nt, n_rem = divmod(n, nb_)
     chunks, per = _chunks(m, spec)
     loop = _loop(m * n * k)
 
     @T.macro
-    def rows(X, V, I, P, B, Y):
+    def rows(X, V, I, P, B, Y, XT):
         for c in loop(chunks):
             for q in range(per):
                 if c * per + q < m:
                     for s in range(nt):
-                        row(X, V, I, P, B, Y, c * per + q, s * nb_, nb_)
+                        row(X, V, I, P, B, Y, XT, c * per + q, s * nb_, nb_)
                     for s in range(n_rem):
-                        row(X, V, I, P, B, Y, c * per + q, nt * nb_ + s, 1)
+                        row(X, V, I, P, B, Y, XT, c * per + q, nt * nb_ + s, 1)
 
     return rows
 
 
-def _sparse_nt_func(rows, name: str, m: int, k: int, n: int, vw: int, epilogue: Epilogue) -> tirx.PrimFunc:
+# A ragged last group's X columns are copied, zero-padded to w, to the stack once per call when they fit.
+TAIL_COPY_MAX_BYTES = 32 << 10
+
+
+def _sparse_nt_func(rows, name: str, m: int, k: int, n: int, vw: int, epilogue: Epilogue,
+                    tail: int = 0) -> tirx.PrimFunc:
     """The PrimFunc around a ``_parallel_rows`` driver: X[n, k], values V[nnz, vw], indices I[nnz],
-    row pointers P[m + 1], B[m] (with a bias epilogue), Y[n, m]."""
+    row pointers P[m + 1], B[m] (with a bias epilogue), Y[n, m]. ``tail`` > 0: X's last ``tail``
+    columns are copied to XT[n, vw] with zeros after them, so the ragged group is one vector FMA."""
+    if tail:
+        @T.macro
+        def run(X, V, I, P, B, Y):
+            xt: T.let[T.handle] = stack_scratch(n * vw * _BYTES)
+            XT = T.decl_buffer((n, vw), F32, data=xt)
+            for a in range(n):
+                for l in range(vw):
+                    XT[a, l] = T.float32(0)
+                for l in range(tail):
+                    XT[a, l] = X[a, k - tail + l]
+            rows(X, V, I, P, B, Y, XT)
+    else:
+        @T.macro
+        def run(X, V, I, P, B, Y):
+            rows(X, V, I, P, B, Y, None)
+
     if epilogue.bias:
         @T.prim_func
         def kernel_b(x_h: T.handle, v_h: T.handle, i_h: T.handle, p_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -122,7 +146,7 @@ def _sparse_nt_func(rows, name: str, m: int, k: int, n: int, vw: int, epilogue: 
             P = T.match_buffer(p_h, (m + 1,), "int32")
             B = T.match_buffer(b_h, (m,), F32)
             Y = T.match_buffer(y_h, (n, m), F32)
-            rows(X, V, I, P, B, Y)
+            run(X, V, I, P, B, Y)
 
         return kernel_b
 
@@ -135,7 +159,7 @@ def _sparse_nt_func(rows, name: str, m: int, k: int, n: int, vw: int, epilogue: 
         I = T.match_buffer(i_h, (G,), "int32")
         P = T.match_buffer(p_h, (m + 1,), "int32")
         Y = T.match_buffer(y_h, (n, m), F32)
-        rows(X, V, I, P, None, Y)
+        run(X, V, I, P, None, Y)
 
     return kernel
 
@@ -293,9 +317,11 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec,
     _check_dims(m=m, k=k, w=w, n=n)
     full, kr = divmod(k, w)
     ragged = kr != 0
+    tail = kr if ragged and n * w * _BYTES <= TAIL_COPY_MAX_BYTES else 0
+    copied = tail > 0
 
     @T.macro
-    def row(X, V, I, P, B, Y, r, n0, nb):
+    def row(X, V, I, P, B, Y, XT, r, n0, nb):
         p: T.let[T.handle] = stack_scratch(nb * w * _BYTES)
         acc = T.decl_buffer((nb, w), F32, data=p)
         for a in T.unroll(nb):
@@ -304,9 +330,14 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec,
         for j in range(P[r], P[r + 1]):
             if ragged:
                 if I[j] == full:
-                    for a in T.unroll(nb):
-                        for l in range(kr):
-                            acc[a, l] = acc[a, l] + V[j, l] * X[n0 + a, full * w + l]
+                    if copied:  # the group's zero padding meets XT's: one vector FMA
+                        for a in T.unroll(nb):
+                            for l in T.vectorized(w):
+                                acc[a, l] = acc[a, l] + V[j, l] * XT[n0 + a, l]
+                    else:
+                        for a in T.unroll(nb):
+                            for l in range(kr):
+                                acc[a, l] = acc[a, l] + V[j, l] * X[n0 + a, full * w + l]
                 else:
                     for a in T.unroll(nb):
                         for l in T.vectorized(w):
@@ -320,7 +351,7 @@ def group_sparse_nt(m: int, k: int, w: int, n: int, spec: HardwareSpec,
 
     rows = _parallel_rows(row, m, n, k, spec)
 
-    return _sparse_nt_func(rows, "group_sparse_nt", m, k, n, w, epilogue)
+    return _sparse_nt_func(rows, "group_sparse_nt", m, k, n, w, epilogue, tail)
 
 
 def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: int = 6,
@@ -422,7 +453,7 @@ def csr_nt(m: int, k: int, n: int, spec: HardwareSpec, epilogue: Epilogue = NO_E
     _check_dims(m=m, k=k, n=n)
 
     @T.macro
-    def row(X, V, C, P, B, Y, r, n0, nb):
+    def row(X, V, C, P, B, Y, _XT, r, n0, nb):
         p: T.let[T.handle] = stack_scratch(nb * _BYTES)
         acc = T.decl_buffer((nb,), F32, data=p)
         for a in T.unroll(nb):
