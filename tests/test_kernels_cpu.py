@@ -62,6 +62,21 @@ def test_group_sparse_nt(host_spec, m, k, n, w, density, seed):
     _close(kern(X, g.values, g.col_idx, g.row_ptr, out_shape=(n, m)), X @ Wm.T)
 
 
+@pytest.mark.parametrize(("k", "overlap"), [(45, True), (16, False), (11, False)])
+@pytest.mark.parametrize("n", [1, 6])
+def test_dense_nt_ragged_tail(host_spec, k, overlap, n):
+    """k % lanes columns left over: with k ≥ lanes one vector FMA over W's last lanes columns against a copy
+    of X's with the already-counted columns zeroed; k < lanes (nothing to overlap) stays scalar."""
+    lanes = host_spec.lanes("float32")
+    k = k if k != 45 else 2 * lanes + 13
+    rng = np.random.default_rng(k + n)
+    W = rng.standard_normal((6, k)).astype("float32")
+    X = rng.standard_normal((n, k)).astype("float32")
+    func = cpu.dense_nt(6, k, n, host_spec)
+    assert ("XT = T.decl_buffer" in func.script()) == overlap
+    _close(CompiledKernel(func, host_spec)(X, W, out_shape=(n, 6)), X @ W.T)
+
+
 @pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("copy", [True, False])
 def test_group_sparse_nt_ragged_group(host_spec, monkeypatch, n, copy):

@@ -10,8 +10,9 @@ pattern of its shape. Two layouts:
   a register tile of accumulators per row.
 
 Accumulators live in ``compat.stack_scratch`` memory so LLVM keeps them in registers (see there).
-Tails are exact: a ragged last group (k % w) meets a zero-padded copy of X's last columns (a scalar
-path where that copy would not fit the stack); a ragged last column vector is
+Tails are exact: a ragged last group (k % w) meets a zero-padded copy of X's last columns, and dense_nt's
+ragged k tail is one vector FMA over the last full vector of columns against a copy of X's with the
+overlap zeroed (scalar paths where a copy would not fit the stack); a ragged last column vector is
 clamped to end at n and recomputed inside the same parallel task (identical values, no race).
 
 Every layer kernel takes an ``Epilogue`` (the layer's bias and ReLU, applied before each store). With
@@ -232,9 +233,12 @@ def dense_nt(m: int, k: int, n: int, spec: HardwareSpec, epilogue: Epilogue = NO
     nt, n_rem = divmod(n, nb_)
     mt, m_rem = divmod(m, mb_)
     loop = _loop(m * n * k)
+    # A ragged tail (k % lanes) is one vector FMA over W's last `lanes` columns (in bounds: k ≥ lanes)
+    # against a copy of X's last `lanes` columns whose first lanes - kr (already counted) are zeroed.
+    overlap = kr > 0 and kv > 0 and n * lanes * _BYTES <= TAIL_COPY_MAX_BYTES
 
     @T.macro
-    def tile(X, W, B, Y, n0, m0, nb, mb):
+    def tile(X, W, B, Y, XT, n0, m0, nb, mb):
         p: T.let[T.handle] = stack_scratch(nb * mb * lanes * _BYTES)
         acc = T.decl_buffer((nb, mb, lanes), F32, data=p)
         for a, b in T.grid(nb, mb):
@@ -245,21 +249,41 @@ def dense_nt(m: int, k: int, n: int, spec: HardwareSpec, epilogue: Epilogue = NO
                 for b in T.unroll(mb):
                     for l in T.vectorized(lanes):
                         acc[a, b, l] = acc[a, b, l] + X[n0 + a, kk * lanes + l] * W[m0 + b, kk * lanes + l]
+        if overlap:
+            for a in T.unroll(nb):
+                for b in T.unroll(mb):
+                    for l in T.vectorized(lanes):
+                        acc[a, b, l] = acc[a, b, l] + XT[n0 + a, l] * W[m0 + b, k - lanes + l]
         for a, b in T.grid(nb, mb):
-            for r in range(kr):
-                acc[a, b, 0] = acc[a, b, 0] + X[n0 + a, kv * lanes + r] * W[m0 + b, kv * lanes + r]
+            if not overlap:
+                for r in range(kr):
+                    acc[a, b, 0] = acc[a, b, 0] + X[n0 + a, kv * lanes + r] * W[m0 + b, kv * lanes + r]
             Y[n0 + a, m0 + b] = epilogue(_hsum(acc, (a, b), lanes), B, m0 + b)
 
     @T.macro
-    def body(X, W, B, Y):
+    def tiles(X, W, B, Y, XT):
         for t in loop(mt):
             for s in range(nt):
-                tile(X, W, B, Y, s * nb_, t * mb_, nb_, mb_)
+                tile(X, W, B, Y, XT, s * nb_, t * mb_, nb_, mb_)
             for s in range(n_rem):
-                tile(X, W, B, Y, nt * nb_ + s, t * mb_, 1, mb_)
+                tile(X, W, B, Y, XT, nt * nb_ + s, t * mb_, 1, mb_)
         for r in range(m_rem):
             for s in range(n):
-                tile(X, W, B, Y, s, mt * mb_ + r, 1, 1)
+                tile(X, W, B, Y, XT, s, mt * mb_ + r, 1, 1)
+
+    if overlap:
+        @T.macro
+        def body(X, W, B, Y):
+            xt: T.let[T.handle] = stack_scratch(n * lanes * _BYTES)
+            XT = T.decl_buffer((n, lanes), F32, data=xt)
+            for a in range(n):
+                for l in range(lanes):
+                    XT[a, l] = T.if_then_else(l < lanes - kr, T.float32(0), X[a, k - lanes + l])
+            tiles(X, W, B, Y, XT)
+    else:
+        @T.macro
+        def body(X, W, B, Y):
+            tiles(X, W, B, Y, None)
 
     return _dense_func(body, "dense_nt", ((n, k), (m, k), (n, m)), m, epilogue)
 
