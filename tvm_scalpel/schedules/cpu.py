@@ -115,21 +115,33 @@ def _parallel_rows(row, m: int, n: int, k: int, spec: HardwareSpec):
 TAIL_COPY_MAX_BYTES = 32 << 10
 
 
+def _tail_copy(n: int, k: int, width: int, tail: int, at: int):
+    """A macro filling XT[n, width] with X's last ``tail`` columns at lanes [at, at + tail), zeros
+    elsewhere: the operand of a ragged tail's one vector FMA."""
+    @T.macro
+    def fill(X, XT):
+        for a in range(n):
+            for l in range(width):
+                XT[a, l] = T.float32(0)
+            for l in range(tail):
+                XT[a, at + l] = X[a, k - tail + l]
+
+    return fill
+
+
 def _sparse_nt_func(rows, name: str, m: int, k: int, n: int, vw: int, epilogue: Epilogue,
                     tail: int = 0) -> tirx.PrimFunc:
     """The PrimFunc around a ``_parallel_rows`` driver: X[n, k], values V[nnz, vw], indices I[nnz],
     row pointers P[m + 1], B[m] (with a bias epilogue), Y[n, m]. ``tail`` > 0: X's last ``tail``
     columns are copied to XT[n, vw] with zeros after them, so the ragged group is one vector FMA."""
     if tail:
+        fill = _tail_copy(n, k, vw, tail, at=0)
+
         @T.macro
         def run(X, V, I, P, B, Y):
             xt: T.let[T.handle] = stack_scratch(n * vw * _BYTES)
             XT = T.decl_buffer((n, vw), F32, data=xt)
-            for a in range(n):
-                for l in range(vw):
-                    XT[a, l] = T.float32(0)
-                for l in range(tail):
-                    XT[a, l] = X[a, k - tail + l]
+            fill(X, XT)
             rows(X, V, I, P, B, Y, XT)
     else:
         @T.macro
@@ -272,13 +284,13 @@ def dense_nt(m: int, k: int, n: int, spec: HardwareSpec, epilogue: Epilogue = NO
                 tile(X, W, B, Y, XT, s, mt * mb_ + r, 1, 1)
 
     if overlap:
+        fill = _tail_copy(n, k, lanes, kr, at=lanes - kr)
+
         @T.macro
         def body(X, W, B, Y):
             xt: T.let[T.handle] = stack_scratch(n * lanes * _BYTES)
             XT = T.decl_buffer((n, lanes), F32, data=xt)
-            for a in range(n):
-                for l in range(lanes):
-                    XT[a, l] = T.if_then_else(l < lanes - kr, T.float32(0), X[a, k - lanes + l])
+            fill(X, XT)
             tiles(X, W, B, Y, XT)
     else:
         @T.macro
