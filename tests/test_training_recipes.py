@@ -204,3 +204,28 @@ def test_recipes_share_their_dense_stages_exactly(tmp_path):
     run_recipe(b, data=(_synthetic(512, 5), sets[1]), checkpoint_dir=tmp_path / "shared" / "data5",
                share_from=tmp_path / "shared", on_epoch=records.append)
     assert records[0].stage == 0
+
+
+def test_conv_models_train_in_nhwc_and_come_back_in_the_default_layout(tmp_path, monkeypatch):
+    """run_recipe trains conv models channels-last on the CPU (faster oneDNN kernels); that moves values in
+    memory only: the same recipe trained in NCHW ends with the same plan and weights up to rounding, and
+    what it returns and saves is in the default layout."""
+    from tvm_scalpel.models import build_model
+    from tvm_scalpel.training import loop
+    cpu = torch.device("cpu")
+    assert loop.training_layout(build_model("lenet-5"), cpu) is torch.channels_last
+    assert loop.training_layout(build_model("lenet-300-100"), cpu) is torch.contiguous_format
+    torch.set_num_threads(1)
+    recipe = quick(paper_recipe("lenet-5", "cpu", target=HASWELL), epochs=1)
+    recipe = replace(recipe, stages=recipe.stages[:2], batch_size=32)  # dense, node
+    sets = (_synthetic(256, 0), _synthetic(64, 1))
+    nhwc = run_recipe(recipe, data=sets, checkpoint_dir=tmp_path)
+    for name, t in [*nhwc.model.state_dict().items(),
+                    *torch.load(tmp_path / "stages" / "stage-01.pt").items(),
+                    *torch.load(tmp_path / "final_state_dict.pt").items()]:
+        assert t.is_contiguous(), name
+    monkeypatch.setattr(loop, "training_layout", lambda model, device: torch.contiguous_format)
+    nchw = run_recipe(recipe, data=sets)
+    assert nchw.plan.to_dict() == nhwc.plan.to_dict()
+    for k, v in nchw.model.state_dict().items():
+        torch.testing.assert_close(nhwc.model.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
