@@ -50,7 +50,7 @@ from tvm_scalpel.target import hardware_spec  # noqa: E402
 from tvm_scalpel.training import run_recipe  # noqa: E402
 from tvm_scalpel.training.loop import load_data, recipe_fingerprint  # noqa: E402
 from tvm_scalpel.training.recipes import Recipe  # noqa: E402
-from train_recipes import resolve  # noqa: E402  (same folder)
+from train_recipes import resolve, unpark  # noqa: E402  (same folder)
 
 RESULTS = ROOT / "benchmarks" / "results"
 CHECKPOINTS = RESULTS / "tmp" / "training"
@@ -95,6 +95,8 @@ def _trained(name: str, quick: QuickSettings | None, train: bool) -> tuple[Recip
     # Quick runs keep their own checkpoints, per setting: train_recipes.py --quick may have run others.
     folder = RESULTS / "tmp" / "micro" / f"training-{quick.tag}" if quick else CHECKPOINTS
     ckpt = folder / name.replace("/", "__")
+    if not quick:
+        unpark(CHECKPOINTS)  # committed checkpoints: trained models, or runs to continue
     final = ckpt / "final_state_dict.pt"
     if not final.is_file():
         if not train:

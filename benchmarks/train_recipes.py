@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from tvm_scalpel.target import hardware_spec  # noqa: E402
 from tvm_scalpel.training import TrainingPlan, get_recipe, quick, run_recipe, scale_schedule  # noqa: E402
-from tvm_scalpel.training.loop import STAGES_DIR  # noqa: E402
+from tvm_scalpel.training.loop import STAGES_DIR, STATE_SUFFIX  # noqa: E402
 from tvm_scalpel.training.recipes import Recipe, StageKind, paper_recipe  # noqa: E402
 
 logger = logging.getLogger("train_recipes")
@@ -57,6 +58,42 @@ TILE_LOSS_BUDGET = 0.005
 VARIANTS = {"vgg16-tiny": ("vgg16", (("width", 0.25),))}
 DEFAULT = [f"{m}/{k}" for m in ("lenet-300-100", "lenet-5", "convnet")
            for k in ("simd-w8", "mcu", "gpu", "cpu", "magnitude")]
+
+
+#: Committed checkpoints (``--park``): a recipe longer than one working session continues in a new checkout
+#: from here, and a finished one's trained model stays usable (micro.py, scalpel run) without retraining.
+PARKED = ROOT / "benchmarks" / "results" / "checkpoints"
+PARK_FILES = ("checkpoint.pt", "final_state_dict.pt", "plan.json")
+
+
+def park(slug: str, checkpoints: Path) -> Path:
+    """Copy a recipe's checkpoint (and final model when finished; dense stage ends other recipes can
+    share) from ``checkpoints`` into :data:`PARKED`."""
+    src, dst = checkpoints / slug, PARKED / slug
+    if not (src / "checkpoint.pt").is_file():
+        raise SystemExit(f"{slug}: no checkpoint to park in {src}")
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / STAGES_DIR).mkdir(parents=True)
+    for name in PARK_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    for state in (src / STAGES_DIR).glob(f"*{STATE_SUFFIX}"):  # the shareable dense stage ends
+        shutil.copyfile(state, dst / STAGES_DIR / state.name)
+        weights = state.name.removesuffix(STATE_SUFFIX) + ".pt"
+        shutil.copyfile(src / STAGES_DIR / weights, dst / STAGES_DIR / weights)
+    return dst
+
+
+def unpark(checkpoints: Path) -> list[str]:
+    """Copy every parked recipe that ``checkpoints`` lacks into it, so training resumes (and shares)
+    from there; returns the slugs copied."""
+    copied = []
+    for src in sorted(PARKED.glob("*/checkpoint.pt")):
+        dst = checkpoints / src.parent.name
+        if not (dst / "checkpoint.pt").is_file():
+            shutil.copytree(src.parent, dst, dirs_exist_ok=True)
+            copied.append(src.parent.name)
+    return copied
 
 
 def resolve(name: str, is_quick: bool, epochs: int = 1, subset: int | None = 12000,
@@ -197,8 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "training")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "training")
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--park", action="store_true",
+                    help=f"train nothing: copy the recipes' checkpoints to {PARKED.relative_to(ROOT)} (committed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.park:
+        for name in args.recipes:
+            slug = resolve(name, args.quick, args.epochs, args.subset, args.group_stages, args.scale).name
+            logger.info("parked %s", park(slug.replace("/", "__"), args.checkpoints))
+        return 0
+    if not args.no_resume:
+        for slug in unpark(args.checkpoints):
+            logger.info("%s: continuing from its parked checkpoint (%s)", slug, PARKED.relative_to(ROOT))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
