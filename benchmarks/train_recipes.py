@@ -1,6 +1,7 @@
 """Train the paper's recipes on real data and record accuracy, kept nodes, sparsity, size and wall time.
 
-    python benchmarks/train_recipes.py                 # every full recipe (hours: LeNet-5 ≈ 5 h, ConvNet ≈ 10 h on 1 core)
+    python benchmarks/train_recipes.py                 # every full recipe (hours each for LeNet-5 and ConvNet on 1 core)
+    python benchmarks/train_recipes.py --park --recipes lenet-5/cpu   # commit-able checkpoint: continue it elsewhere
     python benchmarks/train_recipes.py --quick         # the quick variants (about a minute each)
     python benchmarks/train_recipes.py --recipes lenet-300-100/cpu lenet-5/simd-w8
     python benchmarks/train_recipes.py --recipes vgg16/gpu-fine --device cuda      # GPU tile pruning
