@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import train_recipes  # noqa: E402
+import train_recipes
 
 
 def test_park_then_unpark_restores_the_checkpoint_and_shareable_stages(tmp_path, monkeypatch):
