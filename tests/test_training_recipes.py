@@ -37,6 +37,9 @@ def test_paper_schedules():
     conv = get_recipe("convnet/gpu")
     assert _values(conv, StageKind.NODE) == [0.03, 0.04, 0.05, 0.06]
     assert conv.data.pad_to == 32 and conv.data.channels == 3
+    # ConvNet's MCU schedule goes on to 0.04; its CPU schedule (fc1 only) stops at 0.02
+    assert _values(get_recipe("convnet/mcu"), StageKind.GROUP) == [0.01, 0.015, 0.02, 0.03, 0.04]
+    assert _values(get_recipe("convnet/cpu"), StageKind.GROUP) == [0.01, 0.015, 0.02]
     cpu = get_recipe("lenet-5/cpu")
     assert cpu.group_kinds == (LayerKind.LINEAR,) and cpu.hardware is HardwareClass.CPU
     assert cpu.group_width() == hardware_spec("host").lanes("float32")
@@ -164,6 +167,30 @@ def test_checkpoint_resume_is_exact(tmp_path):
     other = replace(recipe, seed=1)
     with pytest.raises(TrainingError, match="different recipe"):
         run_recipe(other, data=sets, checkpoint_dir=tmp_path)
+
+
+def test_a_longer_schedule_continues_a_finished_shorter_one_exactly(tmp_path):
+    """A recipe that is a finished checkpoint's recipe plus more stages (a schedule extended with another
+    threshold) trains only the new stages and ends where training all of them at once ends."""
+    torch.set_num_threads(1)
+    full = _tiny_recipe()
+    short = replace(full, stages=full.stages[:-1])
+    sets = (_synthetic(512, 0), _synthetic(128, 1))
+    scratch = run_recipe(full, data=sets)
+    run_recipe(short, data=sets, checkpoint_dir=tmp_path)
+    records = []
+    extended = run_recipe(full, data=sets, checkpoint_dir=tmp_path, on_epoch=records.append)
+    assert [r.stage for r in records] == [len(full.stages) - 1] * full.stages[-1].epochs
+    assert [h.test_accuracy for h in extended.history] == [h.test_accuracy for h in scratch.history]
+    assert extended.dense_accuracy == scratch.dense_accuracy
+    for k, v in scratch.model.state_dict().items():
+        assert torch.equal(v, extended.model.state_dict()[k]), k
+    # The shorter recipe cannot resume the longer one's checkpoint, nor a schedule that differs earlier.
+    with pytest.raises(TrainingError, match="different recipe"):
+        run_recipe(short, data=sets, checkpoint_dir=tmp_path)
+    bumped = replace(full, stages=(replace(full.stages[0], epochs=3), *full.stages[1:]))
+    with pytest.raises(TrainingError, match="different recipe"):
+        run_recipe(bumped, data=sets, checkpoint_dir=tmp_path)
 
 
 @pytest.mark.skipif(not data.is_available("mnist"),

@@ -146,6 +146,19 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _resumable_prefix(recipe: Recipe, ck: dict[str, Any]) -> int | None:
+    """How many of ``recipe``'s leading stages the checkpoint's recipe had, when that recipe is this one
+    cut short (everything else equal): training it further is what this recipe would have done. None if
+    the checkpoint belongs to another schedule."""
+    for n in range(len(recipe.stages), 0, -1):
+        prefix = dataclasses.replace(recipe, stages=recipe.stages[:n])
+        if recipe_fingerprint(prefix) == ck["fingerprint"]:
+            # the pruner's state only carries over when the later stages need no other pruner
+            same_pruner = ck["pruner"] is None or prefix.prune_config() == recipe.prune_config()
+            return n if same_pruner else None
+    return None
+
+
 def load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
     d = recipe.data
     train = load_dataset(d.name, "train", pad_to=d.pad_to, channels=d.channels, subset=d.train_subset)
@@ -289,9 +302,13 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
 
     if ckpt_path is not None and resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        if ck["fingerprint"] != fingerprint:
+        prefix = _resumable_prefix(recipe, ck)
+        if prefix is None:
             raise TrainingError(f"{ckpt_path} was written by a different recipe ({ck['recipe']!r}); "
                                 "use another checkpoint_dir or resume=False")
+        if prefix < len(recipe.stages):
+            logger.info("%s: the checkpoint is this recipe's first %d stages; continuing with the rest",
+                        recipe.name, prefix)
         if ck["pruner"] is not None:
             pruner = prepare(model, config, name=recipe.model)
             pruner.load_state_dict(ck["pruner"])
@@ -303,6 +320,9 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
         dense_acc = ck["dense_accuracy"]
         elapsed_before = ck["elapsed"]
         gen.set_state(ck["rng"])
+        if dense_acc is None and 0 < start_stage < len(recipe.stages) and start_epoch == 0 and \
+                recipe.stages[start_stage].kind is not StageKind.DENSE:
+            dense_acc = history[-1].test_accuracy  # a dense-only recipe, now continued with pruning
         logger.info("%s: resuming at stage %d epoch %d from %s", recipe.name, start_stage, start_epoch, ckpt_path)
     data_key = _data_key(train, test) if ckpt_path is not None else ""
     if share_from is not None and ckpt_path is not None and start_stage == start_epoch == 0:
