@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from tvm_scalpel.target import hardware_spec  # noqa: E402
 from tvm_scalpel.training import TrainingPlan, get_recipe, quick, run_recipe, scale_schedule  # noqa: E402
-from tvm_scalpel.training.loop import STAGES_DIR, STATE_SUFFIX  # noqa: E402
+from tvm_scalpel.training.loop import CHECKPOINT_NAME, STAGES_DIR, STATE_SUFFIX  # noqa: E402
 from tvm_scalpel.training.recipes import Recipe, StageKind, paper_recipe  # noqa: E402
 
 logger = logging.getLogger("train_recipes")
@@ -69,7 +69,7 @@ PARK_FILES = ("checkpoint.pt", "final_state_dict.pt", "plan.json")
 
 def park(slug: str, checkpoints: Path) -> Path:
     """Copy a recipe's checkpoint (and final model when finished; dense stage ends other recipes can
-    share) from ``checkpoints`` into :data:`PARKED`."""
+    share; every stage's plan) from ``checkpoints`` into :data:`PARKED`."""
     src, dst = checkpoints / slug, PARKED / slug
     if not (src / "checkpoint.pt").is_file():
         raise SystemExit(f"{slug}: no checkpoint to park in {src}")
@@ -82,6 +82,8 @@ def park(slug: str, checkpoints: Path) -> Path:
         shutil.copyfile(state, dst / STAGES_DIR / state.name)
         weights = state.name.removesuffix(STATE_SUFFIX) + ".pt"
         shutil.copyfile(src / STAGES_DIR / weights, dst / STAGES_DIR / weights)
+    for plan in (src / STAGES_DIR).glob("*.plan.json"):  # small: what each stage left (node_phase reads one)
+        shutil.copyfile(plan, dst / STAGES_DIR / plan.name)
     return dst
 
 
@@ -148,17 +150,45 @@ def bars_check(recipe: Recipe, res) -> dict:
     if kind == "simd-w8" and "simd_weights" in b:
         out["weights_kept<=bar"] = plan.weight_density <= b["simd_weights"]
     if kind == "gpu":
-        hidden = plan.layers[:-1]  # the classifier's outputs are never pruned
-        if recipe.model == "lenet-300-100" and "node_hidden" in b:
-            kept = sum(len(lp.kept_nodes) for lp in hidden) / sum(lp.num_nodes for lp in hidden)
-            out["hidden_nodes_kept<=bar"] = kept <= b["node_hidden"]
-        if recipe.model == "lenet-5" and "node_conv" in b:
-            convs = [lp for lp in plan.layers if lp.kind == "conv2d"]
-            kept = sum(len(lp.kept_nodes) for lp in convs) / sum(lp.num_nodes for lp in convs)
-            out["conv_channels_kept<=bar"] = kept <= b["node_conv"]
+        out.update(node_bars(recipe.model, plan))
     if kind == "cpu" and "cpu_size" in b:
         out["size<=bar"] = plan.size_ratio <= b["cpu_size"]
     return out
+
+
+def node_bars(model: str, plan: TrainingPlan) -> dict:
+    """The node-pruning bars: hidden nodes kept (LeNet-300-100), conv channels kept (LeNet-5)."""
+    b = BARS.get(model, {})
+    hidden = plan.layers[:-1]  # the classifier's outputs are never pruned
+    out: dict = {}
+    if model == "lenet-300-100" and "node_hidden" in b:
+        out["hidden_nodes_kept"] = sum(len(lp.kept_nodes) for lp in hidden) / sum(lp.num_nodes for lp in hidden)
+        out["hidden_nodes_kept<=bar"] = out["hidden_nodes_kept"] <= b["node_hidden"]
+    if model == "lenet-5" and "node_conv" in b:
+        convs = [lp for lp in plan.layers if lp.kind == "conv2d"]
+        out["conv_channels_kept"] = sum(len(lp.kept_nodes) for lp in convs) / sum(lp.num_nodes for lp in convs)
+        out["conv_channels_kept<=bar"] = out["conv_channels_kept"] <= b["node_conv"]
+    return out
+
+
+def node_phase(recipe: Recipe, history: list[dict], dense_accuracy: float | None, stages_dir: Path) -> dict | None:
+    """Where a CPU recipe's node phase ends (its last retrain stage, before the group stages): the GPU
+    recipe's stages, trained as the first part of this one. None until that stage has ended."""
+    retrain = [i for i, s in enumerate(recipe.stages) if s.kind is StageKind.RETRAIN]
+    plan_path = stages_dir / f"stage-{retrain[-1] + 1:02d}.plan.json" if retrain else None
+    ends = [h for h in history if retrain and h["stage"] == retrain[-1] and h["epoch"] == h["epochs"]]
+    if plan_path is None or not plan_path.is_file() or not ends:
+        return None
+    plan = TrainingPlan.from_json(plan_path.read_text())
+    acc = ends[-1]["test_accuracy"]
+    loss = None if dense_accuracy is None else dense_accuracy - acc
+    bars = node_bars(recipe.model, plan)
+    if loss is not None and "loss" in BARS.get(recipe.model, {}):
+        bars["accuracy_loss<=bar"] = loss <= BARS[recipe.model]["loss"]
+    return {"stage": retrain[-1], "label": ends[-1]["stage_label"], "plan": str(plan_path.relative_to(ROOT)),
+            "dense_accuracy": dense_accuracy, "test_accuracy": acc, "accuracy_loss": loss,
+            "kept_nodes": {lp.name: [len(lp.kept_nodes), lp.num_nodes] for lp in plan.layers},
+            "weight_density": plan.weight_density, "size_ratio": plan.size_ratio, "bars": bars}
 
 
 def tile_report(recipe: Recipe, res, ckpt_dir: Path, record: dict) -> dict:
@@ -222,6 +252,30 @@ def tile_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_node_phase(args: argparse.Namespace) -> int:
+    """``--node-phase``: the node phase of (possibly unfinished) CPU recipes, read from their checkpoints."""
+    missing = 0
+    for name in args.recipes:
+        recipe = resolve(name, args.quick, args.epochs, args.subset, args.group_stages, args.scale)
+        slug = recipe.name.replace("/", "__")
+        ckpt = args.checkpoints / slug / CHECKPOINT_NAME
+        if not ckpt.is_file():
+            logger.error("%s: no checkpoint at %s; train it first", name, ckpt)
+            missing += 1
+            continue
+        ck = torch.load(ckpt, weights_only=False, map_location="cpu")
+        report = node_phase(recipe, ck["history"], ck["dense_accuracy"], ckpt.parent / STAGES_DIR)
+        if report is None:
+            logger.info("%s: its node phase has not ended yet (stage %d, epoch %d)", name, ck["stage"], ck["epoch"])
+            missing += 1
+            continue
+        report.update(recipe=recipe.name, command=" ".join(sys.argv), provenance=provenance())
+        out = args.out / f"{slug}.node_phase.json"
+        out.write_text(json.dumps(report, indent=1, default=str))
+        logger.info("%s: node phase %s", name, {k: report[k] for k in ("test_accuracy", "accuracy_loss", "bars")})
+    return 1 if missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="run the quick variants")
@@ -237,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--park", action="store_true",
                     help=f"train nothing: copy the recipes' checkpoints to {PARKED.relative_to(ROOT)} (committed)")
+    ap.add_argument("--node-phase", action="store_true",
+                    help="train nothing: report where each CPU recipe's node phase ended, from its checkpoint "
+                         "(also while the group stages still run) -> <recipe>.node_phase.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.park:
@@ -244,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             slug = resolve(name, args.quick, args.epochs, args.subset, args.group_stages, args.scale).name
             logger.info("parked %s", park(slug.replace("/", "__"), args.checkpoints))
         return 0
+    if args.node_phase:
+        return report_node_phase(args)
     if not args.no_resume:
         for slug in unpark(args.checkpoints):
             logger.info("%s: continuing from its parked checkpoint (%s)", slug, PARKED.relative_to(ROOT))
@@ -273,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             "group_width": recipe.group_width(),
             "wall_seconds": res.wall_seconds, "this_process_seconds": time.perf_counter() - t0,
             "bars": bars_check(recipe, res) if not args.quick else "not checked (quick run)",
+            "node_phase": node_phase(recipe, res.to_dict()["history"], res.dense_accuracy,
+                                     args.checkpoints / slug / STAGES_DIR),
             "device": args.device, "provenance": prov,
             "history": res.to_dict()["history"],
         }
