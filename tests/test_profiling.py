@@ -78,12 +78,13 @@ def test_profiling_over_rpc_gives_the_local_decisions(host_spec):
     from tvm_scalpel.plan import decide
     from tvm_scalpel.profiling import RPCRunner, layer_shapes
 
-    # fc1, fc2 at ~95 % zero groups (as a pruned LeNet-300-100), well past a crossover swept up to 80 %:
-    # the decisions must not hinge on noise at a grid point. fc3 stays dense.
+    # fc1, fc2 at ~95 % zero groups (as a pruned LeNet-300-100); the sweep reaches 90 %, where the sparse
+    # kernel is ~3x faster: at 80 % it was only 1.2-2x on this 2-core machine, and a loaded run flipped fc1
+    # to dense. The decisions must not hinge on noise at a grid point. fc3 stays dense.
     model = _group_prune(MLP().eval(), host_spec.lanes(), 0.05)
     mod = _import(model, torch.randn(1, 784), "export")
     shapes = layer_shapes(mod)
-    kw = dict(sparsities=(0.0, 0.5, 0.8), number=5, repeat=3)
+    kw = dict(sparsities=(0.0, 0.5, 0.9), number=5, repeat=3)
     tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
     server = Server("127.0.0.1", port=9300, port_end=9400, key="scalpel-test",
                     tracker_addr=("127.0.0.1", tracker.port), silent=True)
