@@ -175,9 +175,12 @@ def node_phase(recipe: Recipe, history: list[dict], dense_accuracy: float | None
     """Where a CPU recipe's node phase ends (its last retrain stage, before the group stages): the GPU
     recipe's stages, trained as the first part of this one. None until that stage has ended."""
     retrain = [i for i, s in enumerate(recipe.stages) if s.kind is StageKind.RETRAIN]
-    plan_path = stages_dir / f"stage-{retrain[-1] + 1:02d}.plan.json" if retrain else None
-    ends = [h for h in history if retrain and h["stage"] == retrain[-1] and h["epoch"] == h["epochs"]]
-    if plan_path is None or not plan_path.is_file() or not ends:
+    if not retrain:
+        return None
+    last = retrain[-1]
+    plan_path = stages_dir / f"stage-{last + 1:02d}.plan.json"
+    ends = [h for h in history if h["stage"] == last and h["epoch"] == h["epochs"]]
+    if not plan_path.is_file() or not ends:
         return None
     plan = TrainingPlan.from_json(plan_path.read_text())
     acc = ends[-1]["test_accuracy"]
@@ -185,7 +188,7 @@ def node_phase(recipe: Recipe, history: list[dict], dense_accuracy: float | None
     bars = node_bars(recipe.model, plan)
     if loss is not None and "loss" in BARS.get(recipe.model, {}):
         bars["accuracy_loss<=bar"] = loss <= BARS[recipe.model]["loss"]
-    return {"stage": retrain[-1], "label": ends[-1]["stage_label"], "plan": str(plan_path.relative_to(ROOT)),
+    return {"stage": last, "label": ends[-1]["stage_label"], "plan": str(plan_path.relative_to(ROOT)),
             "dense_accuracy": dense_accuracy, "test_accuracy": acc, "accuracy_loss": loss,
             "kept_nodes": {lp.name: [len(lp.kept_nodes), lp.num_nodes] for lp in plan.layers},
             "weight_density": plan.weight_density, "size_ratio": plan.size_ratio, "bars": bars}

@@ -191,6 +191,11 @@ def test_a_longer_schedule_continues_a_finished_shorter_one_exactly(tmp_path):
     bumped = replace(full, stages=(replace(full.stages[0], epochs=3), *full.stages[1:]))
     with pytest.raises(TrainingError, match="different recipe"):
         run_recipe(bumped, data=sets, checkpoint_dir=tmp_path)
+    # A finished dense-only run continued with pruning: its dense accuracy is the one pruning is measured against.
+    run_recipe(replace(full, stages=full.stages[:1]), data=sets, checkpoint_dir=tmp_path / "dense")
+    from_dense = run_recipe(full, data=sets, checkpoint_dir=tmp_path / "dense")
+    assert from_dense.dense_accuracy == scratch.dense_accuracy is not None
+    assert [h.test_accuracy for h in from_dense.history] == [h.test_accuracy for h in scratch.history]
 
 
 @pytest.mark.skipif(not data.is_available("mnist"),
