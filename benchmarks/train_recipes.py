@@ -156,6 +156,11 @@ def bars_check(recipe: Recipe, res) -> dict:
     return out
 
 
+def kept_nodes(plan: TrainingPlan) -> dict[str, list[int]]:
+    """Per layer: [kept nodes, nodes]."""
+    return {lp.name: [len(lp.kept_nodes), lp.num_nodes] for lp in plan.layers}
+
+
 def node_bars(model: str, plan: TrainingPlan) -> dict:
     """The node-pruning bars: hidden nodes kept (LeNet-300-100), conv channels kept (LeNet-5)."""
     b = BARS.get(model, {})
@@ -190,7 +195,7 @@ def node_phase(recipe: Recipe, history: list[dict], dense_accuracy: float | None
         bars["accuracy_loss<=bar"] = loss <= BARS[recipe.model]["loss"]
     return {"stage": last, "label": ends[-1]["stage_label"], "plan": str(plan_path.relative_to(ROOT)),
             "dense_accuracy": dense_accuracy, "test_accuracy": acc, "accuracy_loss": loss,
-            "kept_nodes": {lp.name: [len(lp.kept_nodes), lp.num_nodes] for lp in plan.layers},
+            "kept_nodes": kept_nodes(plan),
             "weight_density": plan.weight_density, "size_ratio": plan.size_ratio, "bars": bars}
 
 
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                                            and recipe.model in ("convnet", "vgg16") else ""),
             "dense_accuracy": res.dense_accuracy, "final_accuracy": res.final_accuracy,
             "accuracy_loss": None if res.dense_accuracy is None else res.dense_accuracy - res.final_accuracy,
-            "kept_nodes": {lp.name: [len(lp.kept_nodes), lp.num_nodes] for lp in plan.layers},
+            "kept_nodes": kept_nodes(plan),
             "sparsity": {lp.name: lp.sparsity for lp in plan.layers},
             "weight_density": plan.weight_density, "size_ratio": plan.size_ratio,
             "dense_bytes": plan.dense_bytes, "stored_bytes": plan.stored_bytes,
