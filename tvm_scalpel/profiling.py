@@ -30,7 +30,7 @@ from .target import HardwareSpec
 logger = logging.getLogger(__name__)
 
 # Bump when a kernel changes: cached profiles of older kernels are then ignored.
-KERNEL_VERSION = "cpu-3"
+KERNEL_VERSION = "cpu-4"  # cpu-4: row sums by halves (dense_nt, group_sparse_nt)
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 # Sparse "wins" only when at least this much faster: near the crossover, timing noise would otherwise
 # flip decisions from one profile to the next.
