@@ -1,7 +1,7 @@
 """A schedule for the PrimFuncs TVM legalizes around our layer kernels (bias adds, activations,
 pooling, reshapes): inline injective producers, then per remaining block fuse its spatial loops,
-vectorise by the target's lanes and run large ones in parallel. TVM's default CPU pipeline leaves
-these as naive scalar loops.
+vectorise by the target's lanes and run those with enough work in parallel (the kernels' threshold).
+TVM's default CPU pipeline leaves these as naive scalar loops.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import logging
 from tvm import s_tir, tirx
 
 from ..target import HardwareSpec
+from .cpu import PARALLEL_MIN_MACS
 
 logger = logging.getLogger(__name__)
 
-# Below this many output elements a parallel launch costs more than it saves.
-PARALLEL_MIN_ELEMENTS = 1 << 15
 SCHEDULED = "tir.is_scheduled"
 
 
@@ -36,17 +35,23 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         spatial.append(loop)
     if not spatial:
         return
+    per_output = 1  # a reduction's work per output element (a pooling window, ...)
+    for loop in loops[len(spatial):]:
+        per_output *= _extent(sch, loop) or 1
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     total = _extent(sch, fused)
     if total is None:
         return
-    whole = len(spatial) == len(loops)
-    if whole and total % lanes == 0 and total >= lanes:
+    # Parallel by work, as our kernels: LeNet-5's 2x2 max-pools (1152 and 208 outputs) ran in parallel
+    # and each launch cost more than the pruned model's kernels together (with sleeping pool threads:
+    # 79 -> 18 us per inference once serial)
+    parallel = total * per_output >= PARALLEL_MIN_MACS
+    if len(spatial) == len(loops) and total % lanes == 0 and total >= lanes:
         outer, inner = sch.split(fused, [None, lanes])
         sch.vectorize(inner)
-        if total >= PARALLEL_MIN_ELEMENTS:
+        if parallel:
             sch.parallel(outer)
-    elif total >= PARALLEL_MIN_ELEMENTS // 8 or (not whole and total >= 8):
+    elif parallel:
         sch.parallel(fused)
 
 
