@@ -67,6 +67,12 @@ def test_node_schedules_follow_the_released_scripts():
                 if s.kind in (StageKind.NODE, StageKind.RETRAIN)} == {128}, name
         assert {l5.stage_batch_size(s) for s in l5.stages
                 if s.kind in (StageKind.DENSE, StageKind.GROUP)} == {64}, name
+    for name in ("convnet/gpu", "convnet/cpu"):  # cifar10_full's Caffe batch
+        conv = get_recipe(name)
+        assert {conv.stage_batch_size(s) for s in conv.stages
+                if s.kind in (StageKind.NODE, StageKind.RETRAIN)} == {100}, name
+        assert {conv.stage_batch_size(s) for s in conv.stages
+                if s.kind in (StageKind.DENSE, StageKind.GROUP)} == {64}, name
     (conv_retrain,) = [s for s in get_recipe("convnet/gpu").stages if s.kind is StageKind.RETRAIN]
     assert (conv_retrain.epochs, conv_retrain.optim.lr, conv_retrain.optim.lr_step) == (40, 0.1, 10)
     with pytest.raises(TrainingError, match="batch_size"):
