@@ -21,6 +21,10 @@ def _close(got, ref):
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=RTOL * scale)
 
 
+def _vector_widths(func) -> set[int]:
+    return {int(v) for v in re.findall(r"T\.vectorized\((\d+)\)", func.script())}
+
+
 def _group_pruned(seed, m, k, w, density):
     """A weight pruned at group width w, with an empty first row and a fully dense last row."""
     rng = np.random.default_rng(seed)
@@ -98,7 +102,7 @@ def test_row_sums_fold_by_halves_for_power_of_two_widths(host_spec, w):
     """A row's w-lane accumulator is summed by halves (one vector add per level) when w is a power of two;
     other widths keep the pairwise expression. Both exact, batch 1 and a batch tile of 4."""
     func = cpu.group_sparse_nt(9, 5 * w + 1, w, 5, host_spec)
-    halves = {int(v) for v in re.findall(r"T\.vectorized\((\d+)\)", func.script())}
+    halves = _vector_widths(func)
     assert halves == ({16, 8, 4, 2} if w == 16 else {w}), halves  # w = 2: one scalar add, no vector
     g, Wm, rng = _group_pruned(w, 9, 5 * w + 1, w, 0.6)
     X = rng.standard_normal((5, 5 * w + 1)).astype("float32")
@@ -219,7 +223,7 @@ def test_vector_width_follows_target_lanes():
     for cpu_name, lanes in (("haswell", 8), ("skylake-avx512", 16)):
         spec = hardware_spec({"kind": "llvm", "mcpu": cpu_name})
         for func in (cpu.dense_nt(8, 64, 1, spec), cpu.dense_gemm(8, 64, 40, spec)):
-            widths = {int(v) for v in re.findall(r"T\.vectorized\((\d+)\)", func.script())}
+            widths = _vector_widths(func)
             # the widest vectors are the target's (narrower ones: the row sums' folds by halves)
             assert max(widths) == lanes, (cpu_name, widths)
 

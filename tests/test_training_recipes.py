@@ -61,18 +61,12 @@ def test_node_schedules_follow_the_released_scripts():
     assert [gpu.stage_batch_size(s) for s in gpu.stages if s.kind is not StageKind.RETRAIN] == [64] * 4
     # LeNet-5's node stages and retrain at the released 128 (the L1 step is per optimizer step); the
     # dense stage it shares with the other LeNet-5 recipes and the group stages stay at 64
-    for name in ("lenet-5/gpu", "lenet-5/cpu"):
-        l5 = get_recipe(name)
-        assert {l5.stage_batch_size(s) for s in l5.stages
-                if s.kind in (StageKind.NODE, StageKind.RETRAIN)} == {128}, name
-        assert {l5.stage_batch_size(s) for s in l5.stages
-                if s.kind in (StageKind.DENSE, StageKind.GROUP)} == {64}, name
-    for name in ("convnet/gpu", "convnet/cpu"):  # cifar10_full's Caffe batch
-        conv = get_recipe(name)
-        assert {conv.stage_batch_size(s) for s in conv.stages
-                if s.kind in (StageKind.NODE, StageKind.RETRAIN)} == {100}, name
-        assert {conv.stage_batch_size(s) for s in conv.stages
-                if s.kind in (StageKind.DENSE, StageKind.GROUP)} == {64}, name
+    # (ConvNet's at cifar10_full's Caffe batch of 100)
+    for name, node_batch in (("lenet-5/gpu", 128), ("lenet-5/cpu", 128), ("convnet/gpu", 100), ("convnet/cpu", 100)):
+        r = get_recipe(name)
+        batches = {kind: {r.stage_batch_size(s) for s in r.stages if s.kind is kind} for kind in StageKind}
+        assert batches[StageKind.NODE] | batches[StageKind.RETRAIN] == {node_batch}, name
+        assert batches[StageKind.DENSE] | batches[StageKind.GROUP] == {64}, name
     (conv_retrain,) = [s for s in get_recipe("convnet/gpu").stages if s.kind is StageKind.RETRAIN]
     assert (conv_retrain.epochs, conv_retrain.optim.lr, conv_retrain.optim.lr_step) == (40, 0.1, 10)
     with pytest.raises(TrainingError, match="batch_size"):
