@@ -2,6 +2,10 @@
 
 The caller must make thread pools sleep when idle before numpy/torch/tvm load (``QUIET_POOLS``): on a
 2-core machine three spinning pools (OpenBLAS, torch's OpenMP, TVM) double every interleaved timing.
+
+Compiled models alone are timed in a child process with TVM's thread pool as deployed (spinning, the
+default; ``time_libraries``). TVM reads its spin count once per process, and with sleeping workers every
+parallel kernel pays a wake-up (about 20 us on a 2-vCPU VM), which only the dense models pay often.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 import json
 import platform
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,3 +138,71 @@ def stats_us(samples: list[float]) -> dict:
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------ compiled models in a child
+@dataclass(frozen=True)
+class TimedLibrary:
+    """An exported Relax VM library to time: its ``main`` on ``x`` must give ``expected`` exactly (the
+    outputs the caller verified in-process), so the child times what was checked."""
+
+    key: tuple
+    library: Path
+    x: np.ndarray
+    expected: np.ndarray
+
+
+def deployed_pool_env() -> dict[str, str]:
+    """This process's environment with TVM's spin count back at its default (workers spin when idle)."""
+    return {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+
+
+def time_libraries(items: list[TimedLibrary], rounds: int, seed: int = 0, env: dict[str, str] | None = None,
+                   on_round: Callable[[int], object] | None = None) -> dict[tuple, dict]:
+    """Medians (``stats_us``) by key of the libraries' ``main``, interleaved in one child process run
+    with ``env`` (default ``deployed_pool_env()``)."""
+    with tempfile.TemporaryDirectory(prefix="scalpel-timing-") as tmp:
+        tmp = Path(tmp)
+        spec = {"rounds": rounds, "seed": seed, "result": str(tmp / "result.json"), "items": []}
+        for i, it in enumerate(items):
+            np.save(tmp / f"x{i}.npy", it.x)
+            np.save(tmp / f"y{i}.npy", it.expected)
+            spec["items"].append({"key": list(it.key), "library": str(it.library),
+                                  "x": str(tmp / f"x{i}.npy"), "expected": str(tmp / f"y{i}.npy")})
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.Popen([sys.executable, "-m", "tvm_scalpel.bench", str(tmp / "spec.json")],
+                                env=deployed_pool_env() if env is None else env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("round ") and on_round is not None:
+                on_round(int(line.split()[1]))
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            raise RuntimeError(f"timing child process failed (exit {proc.returncode}):\n{err[-3000:]}")
+        result = json.loads(Path(spec["result"]).read_text())
+    return {tuple(r["key"]): r["stats"] for r in result}
+
+
+def _child_main(spec_path: str) -> int:
+    import tvm
+    from tvm import relax
+
+    spec = json.loads(Path(spec_path).read_text())
+    variants = []
+    for it in spec["items"]:
+        f = relax.VirtualMachine(tvm.runtime.load_module(it["library"]), tvm.cpu())["main"]
+        xt = tvm.runtime.tensor(np.load(it["x"]))
+        out = f(xt)
+        got, want = (out if hasattr(out, "numpy") else out[0]).numpy(), np.load(it["expected"])
+        if got.shape != want.shape or not np.array_equal(got, want):
+            diff = np.abs(got - want).max() if got.shape == want.shape else f"shape {got.shape} vs {want.shape}"
+            sys.exit(f"{it['library']}: its outputs differ from the ones verified before timing (max |diff| {diff})")
+        variants.append(Variant(key=tuple(it["key"]), fn=lambda f=f, xt=xt: f(xt)))
+    run_interleaved(variants, spec["rounds"], cold=False, seed=spec["seed"],
+                    on_round=lambda r: print(f"round {r}", flush=True))
+    write_json(Path(spec["result"]), [{"key": list(v.key), "stats": stats_us(v.warm)} for v in variants])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))

@@ -36,7 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -406,8 +408,10 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
     from . import bench, build
     from .plan import stored_weight_bytes
 
-    timed, out = [], {m: {"latency": {}, "speedup_vs_dense": {}, "speedup_vs_torch": {}} for m in variants}
+    timed, libs = [], []
+    out = {m: {"latency": {}, "speedup_vs_dense": {}, "speedup_vs_torch": {}} for m in variants}
     vms = {}
+    lib_dir = Path(tempfile.mkdtemp(prefix="scalpel-libs-"))
     for batch in args.batches:
         x = _inputs(test, shape, batch, args.seed)
         xt = tvm.runtime.tensor(x)
@@ -416,7 +420,8 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
             mod = v.relax(batch)
             plan = _plan_for(args, m, mod, spec)
             logger.info("compile %s batch %d: %s", m, batch, "; ".join(d.reason for d in plan.layers))
-            vm = relax.VirtualMachine(build(mod, spec.target, plan.compile_plan()), tvm.cpu())
+            ex = build(mod, spec.target, plan.compile_plan())
+            vm = relax.VirtualMachine(ex, tvm.cpu())
             outputs[m] = _vm_out(vm, xt)
             if v.torch is not None:
                 with torch.no_grad():
@@ -431,12 +436,17 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
             # The function is looked up once, as a serving loop does: `vm["main"]` costs ~0.9 us here, more
             # than a whole pruned LeNet-300-100 layer.
             timed.append(bench.Variant(key=(m, batch), fn=lambda f=vm["main"], xt=xt: f(xt)))
+            ex.export_library(str(lib_dir / f"{m}-b{batch}.so"))
+            libs.append(bench.TimedLibrary((m, batch), lib_dir / f"{m}-b{batch}.so", x, outputs[m]))
         xtorch = torch.from_numpy(x)
         for m in ("dense", "scalpel"):
             if m in variants and variants[m].torch is not None:
                 timed.append(bench.Variant(key=(f"torch-{m}", batch),
                                            fn=lambda f=variants[m].torch, x=xtorch: _eager(f, x)))
-    med, med_eager = _time_groups(timed, args)
+    try:
+        med, med_eager = _time_groups(libs, timed, args)
+    finally:
+        shutil.rmtree(lib_dir, ignore_errors=True)
     rows = []
     names = [*variants] + [f"torch-{m}" for m in ("dense", "scalpel") if m in variants and variants[m].torch is not None]
     for name in names:
@@ -468,11 +478,12 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
                      "are measured, no accuracy is claimed (the model's dataset is not available here)")
     notes.append("compiled models are timed as `f(x)` with `f = vm['main']` looked up once (the lookup is not "
                  "part of the model)")
+    notes.append("timing: our compiled models interleaved among themselves in a child process with TVM's thread "
+                 "pool as deployed (workers spin when idle, the default): latency, speedup vs our dense")
     if med_eager:
-        notes.append("timing: our compiled models interleaved among themselves (latency, speedup vs our dense); "
-                     "PyTorch eager in a second interleaved group with the compiled models again (speedup vs "
-                     "torch). PyTorch's threads slow small compiled models interleaved with it (report.json: "
-                     "latency_interleaved_with_torch)")
+        notes.append("vs torch: PyTorch eager interleaved with the compiled models again in this process, every pool "
+                     "sleeping when idle (report.json: latency_interleaved_with_torch). There PyTorch's threads "
+                     "slow small compiled models, and each parallel TVM kernel pays a worker wake-up")
     if test is not None and source.kind == "reference":
         notes.append(f"data: {test.name} test split, {len(test)} images")
     return {"model": source.name, "source": source.kind, "target": spec.cpu, "quick": bool(args.quick),
@@ -481,22 +492,22 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
             "provenance": bench.provenance(spec.to_dict()["target"]), "notes": notes, "variants": rows}
 
 
-def _time_groups(timed: list, args) -> tuple[dict, dict]:
-    """Medians by key: the compiled variants interleaved among themselves, then PyTorch eager interleaved
-    with fresh copies of the compiled ones (the vs-torch ratios). Separate groups because PyTorch's
-    threads slow what runs between its calls: the pruned LeNet-300-100 went from 3.7 to 6.0 us per call
-    interleaved with eager PyTorch (2.5 ms samples of back-to-back calls)."""
+def _time_groups(libs: list, timed: list, args) -> tuple[dict, dict]:
+    """Medians by key: the compiled libraries interleaved among themselves in a child process with TVM's
+    pool as deployed (bench.time_libraries), then PyTorch eager interleaved here with the compiled
+    variants again (the vs-torch ratios). Separate groups because PyTorch's threads slow what runs between
+    its calls: the pruned LeNet-300-100 went from 3.7 to 6.0 us per call interleaved with eager PyTorch
+    (2.5 ms samples of back-to-back calls); and here every pool must sleep when idle, so each parallel
+    TVM kernel pays a wake-up that a deployed model does not."""
     from . import bench
 
-    compiled = [v for v in timed if not str(v.key[0]).startswith("torch-")]
     eager = [v for v in timed if str(v.key[0]).startswith("torch-")]
-    logger.info("timing %d compiled variants x %d rounds, interleaved", len(compiled), args.rounds)
+    logger.info("timing %d compiled variants x %d rounds, interleaved, in a child process", len(libs), args.rounds)
     with _bar(args.rounds, "time compiled variants", "round") as bar:
-        bench.run_interleaved(compiled, args.rounds, cold=False, seed=args.seed, on_round=lambda r: bar.update())
-    med = {v.key: bench.stats_us(v.warm) for v in compiled}
+        med = bench.time_libraries(libs, args.rounds, seed=args.seed, on_round=lambda r: bar.update())
     if not eager:
         return med, {}
-    again = [bench.Variant(key=v.key, fn=v.fn) for v in compiled] + eager
+    again = [v for v in timed if not str(v.key[0]).startswith("torch-")] + eager
     logger.info("timing PyTorch eager with the compiled variants: %d x %d rounds, interleaved", len(again),
                 args.rounds)
     with _bar(args.rounds, "time with PyTorch eager", "round") as bar:
