@@ -99,6 +99,12 @@ def test_run_report_rows_and_numbers(run_out):
     rows = {v["name"]: v for v in report["variants"]}
     assert [v["name"] for v in report["variants"]] == ["dense", "traditional", "scalpel", "torch-dense", "torch-scalpel"]
     assert report["provenance"]["threads"]["OMP_WAIT_POLICY"] == "PASSIVE"  # re-executed with quiet pools
+    # PyTorch eager runs at its faster thread count per batch (measured before timing), said in the notes.
+    assert set(report["torch_threads"]) == {"1", "4"}
+    assert all(1 <= n <= (os.cpu_count() or 1) for n in report["torch_threads"].values())
+    assert any(f"batch 1: {report['torch_threads']['1']}" in n for n in report["notes"])
+    # The compiled group runs in a child process with TVM's pool spinning, as deployed.
+    assert any("child process with TVM's thread pool as deployed" in n for n in report["notes"])
     for b in ("1", "4"):
         # Two interleaved groups: compiled models alone (latency, vs our dense), then PyTorch eager with the
         # compiled models again (vs torch); every ratio is taken within one group.
