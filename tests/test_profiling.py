@@ -1,5 +1,7 @@
 """Hardware profiling: crossover logic, real measurement structure, and the JSON cache."""
 
+from pathlib import Path
+
 import pytest
 
 from tvm_scalpel import PlanError
@@ -99,6 +101,32 @@ def test_profiling_over_rpc_gives_the_local_decisions(host_spec):
     remote_plan, local_plan = decide(mod, host_spec, remote), decide(mod, host_spec, local)
     assert [d.method for d in remote_plan.layers] == [d.method for d in local_plan.layers]
     assert [d.method.value for d in remote_plan.layers] == ["group", "group", "dense"]
+
+
+def test_child_runner_times_with_deployed_pools_and_gives_the_local_decisions(host_spec, monkeypatch):
+    """`scalpel`'s own process keeps TVM's pool asleep; its profiles are timed in a child whose pool spins
+    as deployed (no TVM_THREAD_POOL_SPIN_COUNT in its environment), with the same decisions here."""
+    import torch
+
+    from test_pass_rewrite_group_sparse import MLP, _group_prune, _import
+    from tvm_scalpel.plan import decide
+    from tvm_scalpel.profiling import ChildRunner, layer_shapes
+
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    model = _group_prune(MLP().eval(), host_spec.lanes(), 0.05)
+    mod = _import(model, torch.randn(1, 784), "export")
+    shapes = layer_shapes(mod)
+    kw = dict(sparsities=(0.0, 0.5, 0.9), number=5, repeat=3)
+    runner = ChildRunner()
+    try:
+        environ = Path(f"/proc/{runner._server.pid}/environ").read_bytes().split(b"\0")
+        assert not any(e.startswith(b"TVM_THREAD_POOL_SPIN_COUNT=") for e in environ)
+        child = profile(host_spec, shapes, runner=runner, **kw)
+    finally:
+        runner.close()
+    assert runner._server.poll() is not None  # closed: the child is gone
+    assert [lp.shape for lp in child.layers] == shapes
+    assert [d.method.value for d in decide(mod, host_spec, child).layers] == ["group", "group", "dense"]
 
 
 def test_cache_is_not_reused_for_another_grid_or_width(host_spec, tmp_path):

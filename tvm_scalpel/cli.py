@@ -325,12 +325,22 @@ def _profile(args, spec, mod):
     shapes = layer_shapes(mod)
     with _bar(len(set(shapes)), "profile layer shapes", "shape") as bar:
         def measure(*a, **kw):  # called for the shapes the cache does not hold
-            out = measure_layer(*a, **kw)
+            out = measure_layer(*a, **kw, runner=runner or _child_runner(args))
             bar.update()
             return out
 
-        return profile(spec, shapes, cache_dir=os.path.join(args.out, where), runner=runner, measure=measure,
+        return profile(spec, shapes, cache_dir=os.path.join(args.out, where), measure=measure,
                        sparsities=sparsities, number=10 if args.quick else 20, repeat=5)
+
+
+def _child_runner(args):
+    """This machine's kernels are timed in a child process with TVM's pool as deployed (one per command,
+    started when the profile cache first misses): see profiling.ChildRunner."""
+    from .profiling import ChildRunner
+
+    if getattr(args, "_child_runner", None) is None:
+        args._child_runner = ChildRunner()
+    return args._child_runner
 
 
 def _rpc_runner(args):
@@ -795,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
     except ScalpelError as err:
         print(f"scalpel {args.cmd}: {err}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "_child_runner", None) is not None:
+            args._child_runner.close()
 
 
 if __name__ == "__main__":

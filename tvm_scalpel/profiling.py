@@ -3,9 +3,10 @@ against the group-sparse kernel over a sparsity sweep on the target, and record 
 sparse wins. Results are cached as JSON keyed by the target and the kernel version.
 
 Only the part that differs between the two is timed: the matrix-vector / GEMM kernel (a conv's im2col is
-the same for both). Measurement runs in this process (``LocalRunner``) or on a remote device through
-TVM's own RPC (``RPCRunner``: tracker + server; kernels are compiled here, exported, uploaded, timed
-there with TVM's time evaluator).
+the same for both). Measurement runs in this process (``LocalRunner``), in a child process with TVM's
+thread pool as deployed (``ChildRunner``, what ``scalpel`` uses on this machine), or on a remote device
+through TVM's own RPC (``RPCRunner``: tracker + server). The last two compile kernels here, export and
+upload them, and time them there with TVM's time evaluator.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -30,7 +35,7 @@ from .target import HardwareSpec
 logger = logging.getLogger(__name__)
 
 # Bump when a kernel changes: cached profiles of older kernels are then ignored.
-KERNEL_VERSION = "cpu-4"  # cpu-4: row sums by halves (dense_nt, group_sparse_nt)
+KERNEL_VERSION = "cpu-5"  # cpu-4: row sums by halves; cpu-5: `scalpel` times them with pools as deployed
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 # Sparse "wins" only when at least this much faster: near the crossover, timing noise would otherwise
 # flip decisions from one profile to the next.
@@ -131,8 +136,11 @@ class RPCRunner:
     def __init__(self, tracker_host: str, tracker_port: int, key: str, session_timeout: int = 600):
         from tvm import rpc
 
-        self._remote = rpc.connect_tracker(tracker_host, tracker_port).request(
-            key, priority=1, session_timeout=session_timeout)
+        self._attach(rpc.connect_tracker(tracker_host, tracker_port).request(
+            key, priority=1, session_timeout=session_timeout))
+
+    def _attach(self, remote) -> None:
+        self._remote = remote
         self._loaded: dict[int, object] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="scalpel-rpc-")
 
@@ -152,6 +160,43 @@ class RPCRunner:
         timer = module.time_evaluator(kernel.name, dev, number=number, repeat=repeat,
                                       min_repeat_ms=MIN_REPEAT_MS)
         return float(np.median(timer(*args).results) * 1e6)
+
+
+class ChildRunner(RPCRunner):
+    """Times kernels in a child process (a TVM RPC server on 127.0.0.1, no tracker) whose thread pool
+    spins when idle, as deployed (``bench.deployed_pool_env``). ``scalpel``'s own process keeps its pools
+    asleep for timing PyTorch beside TVM, and there each parallel kernel would pay a worker wake-up (about
+    20 us on a 2-vCPU VM) that a deployed model does not. ``close()`` stops the child."""
+
+    def __init__(self, timeout_s: float = 60.0):
+        from tvm import rpc
+
+        from .bench import deployed_pool_env
+
+        with socket.socket() as sock:  # a free port (the server binds it a moment later)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self._server = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+             "--port-end", str(port + 1)], env=deployed_pool_env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._attach(rpc.connect("127.0.0.1", port, session_timeout=0))
+                return
+            except Exception as err:  # noqa: BLE001 (tvm raises TVMError/RuntimeError while it starts)
+                if self._server.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise PlanError(f"profiling: the timing child (python -m tvm.exec.rpc_server on 127.0.0.1:"
+                                    f"{port}) did not come up ({err})") from None
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self._loaded, self._remote = {}, None
+        if self._server.poll() is None:
+            self._server.terminate()
+            self._server.wait(timeout=10)
 
 
 def measure_layer(shape: LayerShape, spec: HardwareSpec, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
