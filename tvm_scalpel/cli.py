@@ -539,14 +539,15 @@ def _eager(model, x, threads: int):
         return model(x)
 
 
-def _best_torch_threads(model, x, calls: int = 30) -> int:
+def _best_torch_threads(model, x, calls: int = 100, rounds: int = 5) -> int:
     """PyTorch eager's faster thread count for this input, from 1 up to the cores: with pools that sleep
     when idle, 2 threads took LeNet-300-100 at batch 1 from 54 to 245 us per call here, while large
-    batches gain from the second core. Three alternating rounds, the best round of each counts."""
+    batches gain from the second core. Alternating rounds, the best round of each counts (3 rounds of 30
+    calls once picked 2 threads at batch 1 on a busy moment)."""
     import time
 
     best = {}
-    for _ in range(3):
+    for _ in range(rounds):
         for n in range(1, (os.cpu_count() or 1) + 1):
             _eager(model, x, n)
             t0 = time.perf_counter()
