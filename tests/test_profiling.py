@@ -107,8 +107,8 @@ def test_child_runner_times_with_deployed_pools_and_gives_the_local_decisions(ho
     """`scalpel`'s own process keeps TVM's pool asleep; its profiles are timed in a child whose pool spins
     as deployed (no TVM_THREAD_POOL_SPIN_COUNT in its environment), with the same decisions here."""
     import torch
-
     from test_pass_rewrite_group_sparse import MLP, _group_prune, _import
+
     from tvm_scalpel.plan import decide
     from tvm_scalpel.profiling import ChildRunner, layer_shapes
 
@@ -116,7 +116,7 @@ def test_child_runner_times_with_deployed_pools_and_gives_the_local_decisions(ho
     model = _group_prune(MLP().eval(), host_spec.lanes(), 0.05)
     mod = _import(model, torch.randn(1, 784), "export")
     shapes = layer_shapes(mod)
-    kw = dict(sparsities=(0.0, 0.5, 0.9), number=5, repeat=3)
+    kw = {"sparsities": (0.0, 0.5, 0.9), "number": 5, "repeat": 3}
     runner = ChildRunner()
     try:
         environ = Path(f"/proc/{runner._server.pid}/environ").read_bytes().split(b"\0")
