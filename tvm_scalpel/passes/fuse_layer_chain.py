@@ -45,7 +45,24 @@ def _reshape_call(mod: tvm.IRModule, value: relax.Expr) -> bool:
     if not (isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)):
         return False
     func = mod[value.args[0]]
-    return isinstance(func, tvm.tirx.PrimFunc) and bool(relax.analysis.has_reshape_pattern(func))
+    if not (isinstance(func, tvm.tirx.PrimFunc) and relax.analysis.has_reshape_pattern(func)):
+        return False
+    # TVM counts a contiguous slice as a reshape too (a grouped conv's first channel half): only the same
+    # elements in a new shape are a copy of the whole input.
+    args = value.args[1].fields
+    return (len(args) == 1 and _size(args[0].ty.shape) is not None
+            and _size(args[0].ty.shape) == _size(value.ty.shape))
+
+
+def _size(shape) -> int | None:
+    """The element count of a static shape, else None."""
+    dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in (shape or [])]
+    if not dims or None in dims:
+        return None
+    size = 1
+    for d in dims:
+        size *= d
+    return size
 
 
 def _use_counts(func: relax.Function) -> Counter:
