@@ -422,6 +422,7 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
     out = {m: {"latency": {}, "speedup_vs_dense": {}, "speedup_vs_torch": {}} for m in variants}
     vms = {}
     lib_dir = Path(tempfile.mkdtemp(prefix="scalpel-libs-"))
+    eager = [m for m in ("dense", "scalpel") if m in variants and variants[m].torch is not None]
     for batch in args.batches:
         x = _inputs(test, shape, batch, args.seed)
         xt = tvm.runtime.tensor(x)
@@ -449,7 +450,6 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
             ex.export_library(str(lib_dir / f"{m}-b{batch}.so"))
             libs.append(bench.TimedLibrary((m, batch), lib_dir / f"{m}-b{batch}.so", x, outputs[m]))
         xtorch = torch.from_numpy(x)
-        eager = [m for m in ("dense", "scalpel") if m in variants and variants[m].torch is not None]
         if eager:
             torch_threads[batch] = _best_torch_threads(variants[eager[0]].torch, xtorch)
         for m in eager:
@@ -461,7 +461,7 @@ def _measure(args, spec, source, variants, test, shape, dense_bytes) -> dict:
     finally:
         shutil.rmtree(lib_dir, ignore_errors=True)
     rows = []
-    names = [*variants] + [f"torch-{m}" for m in ("dense", "scalpel") if m in variants and variants[m].torch is not None]
+    names = [*variants] + [f"torch-{m}" for m in eager]
     for name in names:
         row = out.get(name, {"latency": {}, "speedup_vs_dense": {}, "speedup_vs_torch": {}})
         base = variants.get(name.removeprefix("torch-"))
