@@ -144,3 +144,12 @@ def test_cache_is_not_reused_for_another_grid_or_width(host_spec, tmp_path):
     profile(host_spec, [a], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.5, 0.9))
     profile(host_spec, [a], cache_dir=tmp_path, measure=fake_measure, sparsities=(0.0, 0.9), w=4)
     assert len(calls) == 3
+
+
+def test_child_runner_that_does_not_come_up_is_a_clear_error():
+    """No time to start (the server imports TVM for seconds): a PlanError naming the child, and it is gone."""
+    from tvm_scalpel.profiling import ChildRunner
+
+    with pytest.raises(PlanError, match=r"profiling: the timing child \(python -m tvm.exec.rpc_server on "
+                                        r"127\.0\.0\.1:\d+\) did not come up"):
+        ChildRunner(timeout_s=0.0)

@@ -170,15 +170,18 @@ def time_libraries(items: list[TimedLibrary], rounds: int, seed: int = 0, env: d
             spec["items"].append({"key": list(it.key), "library": str(it.library),
                                   "x": str(tmp / f"x{i}.npy"), "expected": str(tmp / f"y{i}.npy")})
         (tmp / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.Popen([sys.executable, "-m", "tvm_scalpel.bench", str(tmp / "spec.json")],
-                                env=deployed_pool_env() if env is None else env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if line.startswith("round ") and on_round is not None:
-                on_round(int(line.split()[1]))
-        err = proc.stderr.read()
-        if proc.wait() != 0:
-            raise RuntimeError(f"timing child process failed (exit {proc.returncode}):\n{err[-3000:]}")
+        # stderr to a file: a pipe read only after stdout would block a child that fills it
+        with open(tmp / "stderr.txt", "w") as err_file:
+            proc = subprocess.Popen([sys.executable, "-m", "tvm_scalpel.bench", str(tmp / "spec.json")],
+                                    env=deployed_pool_env() if env is None else env, stdout=subprocess.PIPE,
+                                    stderr=err_file, text=True)
+            for line in proc.stdout:
+                if line.startswith("round ") and on_round is not None:
+                    on_round(int(line.split()[1]))
+            code = proc.wait()
+        if code != 0:
+            err = (tmp / "stderr.txt").read_text()
+            raise RuntimeError(f"timing child process failed (exit {code}):\n{err[-3000:]}")
         result = json.loads(Path(spec["result"]).read_text())
     return {tuple(r["key"]): r["stats"] for r in result}
 

@@ -176,10 +176,11 @@ class ChildRunner(RPCRunner):
         with socket.socket() as sock:  # a free port (the server binds it a moment later)
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
+        # Its log goes to a file: an unread pipe would block the server once full.
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the child's lifetime; close() closes it)
         self._server = subprocess.Popen(
             [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
-             "--port-end", str(port + 1)], env=deployed_pool_env(), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
+             "--port-end", str(port + 1)], env=deployed_pool_env(), stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -187,9 +188,11 @@ class ChildRunner(RPCRunner):
                 return
             except Exception as err:  # noqa: BLE001 (tvm raises TVMError/RuntimeError while it starts)
                 if self._server.poll() is not None or time.monotonic() > deadline:
+                    self._log.seek(0)
+                    log = self._log.read()[-2000:]
                     self.close()
                     raise PlanError(f"profiling: the timing child (python -m tvm.exec.rpc_server on 127.0.0.1:"
-                                    f"{port}) did not come up ({err})") from None
+                                    f"{port}) did not come up ({err}); its log:\n{log}") from None
                 time.sleep(0.2)
 
     def close(self) -> None:
@@ -197,6 +200,7 @@ class ChildRunner(RPCRunner):
         if self._server.poll() is None:
             self._server.terminate()
             self._server.wait(timeout=10)
+        self._log.close()
 
 
 def measure_layer(shape: LayerShape, spec: HardwareSpec, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
