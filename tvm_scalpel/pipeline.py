@@ -126,7 +126,8 @@ def build(mod: tvm.IRModule, target: TargetLike, plan: CompilePlan | None = None
         if tgt.host is None:
             tgt = tvm.target.Target(tgt, host={"kind": "llvm"})
         return tvm.compile(mod, tgt, relax_pipeline=pipeline(target, plan))
-    # CPU: the Relax VM's main compiled to machine code (no bytecode interpreter). Interleaved, batch 1:
-    # pruned LeNet-300-100 3.46 -> 2.90 us, dense 12.2 -> 11.8 us; an empty one-op model 1.36 -> 1.02 us.
+    # CPU: the Relax VM's main compiled to machine code (no bytecode interpreter). benchmarks/call_floor.py
+    # (results/call_floor.json), batch 1: pruned LeNet-300-100 3.53-3.84 -> 2.84-3.40 us, a one-op model
+    # 1.36-1.72 -> 1.13-1.36 us.
     # (CUDA stays on the bytecode VM: not measured on a GPU here.)
     return relax.build(mod, tgt, relax_pipeline=pipeline(target, plan), exec_mode="compiled")

@@ -16,6 +16,7 @@ lowers as usual.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import tvm
@@ -57,12 +58,7 @@ def _reshape_call(mod: tvm.IRModule, value: relax.Expr) -> bool:
 def _size(shape) -> int | None:
     """The element count of a static shape, else None."""
     dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in (shape or [])]
-    if not dims or None in dims:
-        return None
-    size = 1
-    for d in dims:
-        size *= d
-    return size
+    return None if not dims or None in dims else math.prod(dims)
 
 
 def _use_counts(func: relax.Function) -> Counter:

@@ -21,6 +21,7 @@ a bias the kernel has one more input, B[m], last before the output.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -563,12 +564,7 @@ def conv_out_size(size: int, kernel: int, stride: int, pad: int) -> int:
 def flatten_copy(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spec: HardwareSpec) -> tirx.PrimFunc:
     """Y = X reshaped (same elements, row-major), a vectorised copy. FuseLayerChain leads a chain with it
     in place of the VM's reshape view: pruned LeNet-300-100 took 0.14-0.27 us less per call."""
-    size = 1
-    for d in in_shape:
-        size *= d
-    out_size = 1
-    for d in out_shape:
-        out_size *= d
+    size, out_size = math.prod(in_shape), math.prod(out_shape)
     if size != out_size or size < 1:
         raise KernelError(f"flatten_copy: expected shapes of the same positive size, found {in_shape} "
                           f"({size} elements) and {out_shape} ({out_size})")
