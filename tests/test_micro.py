@@ -128,15 +128,36 @@ def test_generated_c_is_plain_and_uses_smlad_only_where_pairs_survive():
     assert "__usat(" in bodies["d"] and "__ssat(" in bodies["g"]  # ReLU fused as the lower bound
 
 
-def test_im2col_copies_word_pairs_without_padding():
-    """Unpadded: each kernel row of KW = 5 inputs is two 32-bit pair copies and one int16; padded: the
-    bounds-checked element copy. (Bit-exactness of both is checked on QEMU below.)"""
-    src = codegen.to_c({"u": kernels.im2col(2, 6, 6, 5, 5, 1, 0, 2, 2, 50),
-                        "p": kernels.im2col(2, 6, 6, 5, 5, 1, 1, 4, 4, 50)})
+def test_im2col_and_pad_copy_word_pairs_without_bounds_tests():
+    """Each kernel row of KW = 5 inputs is two 32-bit pair copies and one int16, with no bounds test:
+    a padded conv first copies its input into a zero-bordered image (``pad``), a row of W = 6 as three
+    pairs. (Bit-exactness is checked on QEMU below.)"""
+    src = codegen.to_c({"u": kernels.im2col(2, 6, 6, 5, 5, 1, 2, 2, 50), "p": kernels.pad(2, 6, 6, 1)})
     bodies = dict(re.findall(r"void (\w)\(.*?\) \{(.*?)\n\}", src, re.S))
-    assert re.search(r"kw2 < 2; \+\+kw2\) \{\s*scalpel_copy2\(", bodies["u"])  # two pairs a row
-    assert "scalpel_copy2" not in bodies["p"]
+    assert re.search(r"j < 2; \+\+j\) \{\s*scalpel_copy2\(", bodies["u"])  # two pairs a row
+    assert re.search(r"j_1 < 3; \+\+j_1\) \{\s*scalpel_copy2\(", bodies["p"])  # three pairs an image row
+    assert "if (" not in bodies["u"] and "if (" not in bodies["p"] and "?" not in bodies["u"]
     assert "memcpy(dst, src, 4)" in src.split("#define TVM_DLL")[0]
+    with pytest.raises(KernelError, match=r"im2col: 4x4 windows of 5x5 at stride 1 need an input of at least "
+                                          r"8x8, found 6x6"):
+        kernels.im2col(2, 6, 6, 5, 5, 1, 4, 4, 50)
+
+
+@needs_toolchain
+def test_padded_conv_writing_the_output_runs_bit_exact(tmp_path):
+    """A padded, strided conv as the last layer: its zero-bordered input cannot borrow an arena (the
+    output is the caller's), so it gets its own buffer; a padded conv mid-model borrows its output arena."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2, padding=2)).eval()
+    x = torch.randn(4, 3, 9, 9)
+    mod = from_exported_program(torch.export.export(model, (x[:1],)))
+    project = micro.build(mod, "cortex-m4", tmp_path, x.numpy(), methods=Method.DENSE, inputs=x.numpy()[:2])
+    model_c = (tmp_path / "model.c").read_text()
+    assert "static int32_t padded[" in model_c
+    assert "l0_pad((int16_t*)input, (int16_t*)arena0);" in model_c  # the first conv's output arena
+    assert re.search(r"l\d_pad\(\(int16_t\*\)arena0, \(int16_t\*\)padded\);", model_c)
+    result = micro.build_and_run(project)
+    np.testing.assert_array_equal(result.outputs, np.stack([project.model.run(xq) for xq in project.inputs]))
 
 
 def test_helium_kernels_use_one_vector_mac_per_group_of_eight():
