@@ -322,9 +322,17 @@ def avg_pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, relu
 
 def lrn(C: int, H: int, W: int, n: int, sq_shift: int, lut_shift: int, L: int) -> tirx.PrimFunc:
     """Within-channel LRN in fixed point: t = Σ_{n×n, zero padded} (x² >> sq_shift);
-    y = (x · lut[min(t >> lut_shift, L - 1)] + 2^14) >> 15 with ``lut`` the Q15 factor table."""
+    y = (x · lut[min(t >> lut_shift, L - 1)] + 2^14) >> 15 with ``lut`` the Q15 factor table.
+
+    Separable, row by row: the n vertical squares of each column go into ``cs`` (zero-bordered by
+    n // 2 on each side), then each output adds n neighbours of ``cs``. Every square is taken n times,
+    not n²; only the first and last n // 2 rows test bounds (a per-element test over the n×n window
+    cost ~71 instructions an output on the M4, ~27 here)."""
     _check(C=C, H=H, W=W, n=n, sq_shift=sq_shift, lut_shift=lut_shift, L=L)
     p = n // 2
+
+    def square(v: tirx.PrimExpr) -> tirx.PrimExpr:
+        return (T.Cast("int32", v) * T.Cast("int32", v)) >> sq_shift
 
     @T.prim_func
     def f(xp: T.handle("int16"), lp: T.handle("uint16"), yp: T.handle("int16")):
@@ -332,17 +340,30 @@ def lrn(C: int, H: int, W: int, n: int, sq_shift: int, lut_shift: int, L: int) -
         x = T.decl_buffer((C * H * W,), "int16", data=xp)
         lut = T.decl_buffer((L,), "uint16", data=lp)
         y = T.decl_buffer((C * H * W,), "int16", data=yp)
+        cs = T.decl_buffer((W + 2 * p,), "int32", scope="global")
         t = T.decl_buffer((1,), "int32", scope="global")
+        for i in range(p):
+            cs[i] = 0
+            cs[W + p + i] = 0
         for c in range(C):
             for h in range(H):
+                if h >= p and h < H - p:
+                    for w in range(W):
+                        t[0] = 0
+                        for dh in T.unroll(n):
+                            t[0] = t[0] + square(x[(c * H + h + dh - p) * W + w])
+                        cs[p + w] = t[0]
+                else:
+                    for w in range(W):
+                        t[0] = 0
+                        for dh in T.unroll(n):
+                            if h + dh >= p and h + dh < H + p:
+                                t[0] = t[0] + square(x[(c * H + h + dh - p) * W + w])
+                        cs[p + w] = t[0]
                 for w in range(W):
                     t[0] = 0
-                    for dh in range(n):
-                        for dw in range(n):
-                            if h + dh >= p and h + dh < H + p and w + dw >= p and w + dw < W + p:
-                                t[0] = t[0] + ((T.Cast("int32", x[(c * H + h + dh - p) * W + w + dw - p])
-                                                * T.Cast("int32", x[(c * H + h + dh - p) * W + w + dw - p]))
-                                               >> sq_shift)
+                    for dw in T.unroll(n):
+                        t[0] = t[0] + cs[w + dw]
                     y[(c * H + h) * W + w] = T.Cast("int16", (T.Cast("int32", x[(c * H + h) * W + w])
                                                               * T.Cast("int32", lut[T.min(t[0] >> lut_shift, L - 1)])
                                                               + (1 << 14)) >> 15)
