@@ -284,8 +284,23 @@ def im2col(C: int, H: int, W: int, KH: int, KW: int, stride: int, OH: int, OW: i
 def _pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, acc_dtype: str, init, step,
           finish) -> tirx.PrimFunc:
     """K×K windows clipped to the image (Caffe/torch ceil mode): ``t = init``, ``t = step(t, x)`` over
-    the pixels inside, ``y = finish(t, count)`` with ``count`` the pixels inside."""
+    the pixels inside, ``y = finish(t, count)`` with ``count`` the pixels inside. Windows wholly inside
+    the image (all but the last row and column in ceil mode) run without bounds tests."""
     _check(C=C, H=H, W=W, K=K, stride=stride, OH=OH, OW=OW)
+    OHi = max(0, min(OH, (H - K) // stride + 1)) if H >= K else 0  # windows rows wholly inside
+    OWi = max(0, min(OW, (W - K) // stride + 1)) if W >= K else 0
+
+    @T.macro
+    def window(x, y, t, c, oh, ow, inside: bool):
+        t[0] = init
+        for kh in range(K):
+            for kw in range(K):
+                if inside:
+                    t[0] = step(t[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
+                elif oh * stride + kh < H and ow * stride + kw < W:
+                    t[0] = step(t[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
+        y[(c * OH + oh) * OW + ow] = finish(
+            t[0], (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride))
 
     @T.prim_func
     def f(xp: T.handle("int16"), yp: T.handle("int16")):
@@ -294,15 +309,14 @@ def _pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, acc_dty
         y = T.decl_buffer((C * OH * OW,), "int16", data=yp)
         t = T.decl_buffer((1,), acc_dtype, scope="global")
         for c in range(C):
-            for oh in range(OH):
+            for oh in range(OHi):
+                for ow in range(OWi):
+                    window(x, y, t, c, oh, ow, True)
+                for ow in range(OWi, OW):
+                    window(x, y, t, c, oh, ow, False)
+            for oh in range(OHi, OH):
                 for ow in range(OW):
-                    t[0] = init
-                    for kh in range(K):
-                        for kw in range(K):
-                            if oh * stride + kh < H and ow * stride + kw < W:
-                                t[0] = step(t[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
-                    y[(c * OH + oh) * OW + ow] = finish(
-                        t[0], (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride))
+                    window(x, y, t, c, oh, ow, False)
 
     return f
 
