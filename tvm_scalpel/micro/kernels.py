@@ -295,9 +295,7 @@ def _pool(C: int, H: int, W: int, K: int, stride: int, OH: int, OW: int, acc_dty
         t[0] = init
         for kh in range(K):
             for kw in range(K):
-                if inside:
-                    t[0] = step(t[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
-                elif oh * stride + kh < H and ow * stride + kw < W:
+                if inside or (oh * stride + kh < H and ow * stride + kw < W):
                     t[0] = step(t[0], x[(c * H + oh * stride + kh) * W + ow * stride + kw])
         y[(c * OH + oh) * OW + ow] = finish(
             t[0], (T.min(oh * stride + K, H) - oh * stride) * (T.min(ow * stride + K, W) - ow * stride))
