@@ -52,8 +52,9 @@ GRID = tuple(KernelConfig(u, s) for u in (1, 4, 8) for s in ("acle", "minmax"))
 
 def _check(**dims: int) -> None:
     for name, value in dims.items():
-        if not isinstance(value, int) or value < 0:
-            raise KernelError(f"{name}: expected a non-negative int, found {value!r}")
+        low = 1 if name == "stride" else 0
+        if not isinstance(value, int) or value < low:
+            raise KernelError(f"{name}: expected an int >= {low}, found {value!r}")
 
 
 def _requant(acc: tirx.PrimExpr, shift: int, relu: bool, cfg: KernelConfig) -> tirx.PrimExpr:
