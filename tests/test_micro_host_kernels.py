@@ -34,6 +34,11 @@ POOLS = [  # C, H, W, K, stride
 LRNS = [(2, 6, 6, 3), (1, 2, 2, 3), (1, 1, 7, 5), (2, 4, 3, 5), (1, 7, 1, 3), (1, 3, 9, 7)]  # C, H, W, n
 
 
+def _kp(c: int, k: int) -> int:
+    """The im2col row length used here: c·k·k rounded up to a multiple of 4, so most cases have a pad column."""
+    return -(-c * k * k // 4) * 4
+
+
 def _pool_out(size: int, k: int, s: int) -> int:
     """Ceil mode without padding: the last window starts inside the input."""
     o = -(-(size - k) // s) + 1 if size >= k else 1
@@ -48,7 +53,7 @@ def lib(tmp_path_factory):
         oh, ow = layer.out_hw
         if p:
             funcs[f"pad{i}"] = kernels.pad(c, h, w, p)
-        funcs[f"im2col{i}"] = kernels.im2col(c, h + 2 * p, w + 2 * p, k, k, s, oh, ow, -(-c * k * k // 4) * 4)
+        funcs[f"im2col{i}"] = kernels.im2col(c, h + 2 * p, w + 2 * p, k, k, s, oh, ow, _kp(c, k))
     for i, (c, h, w, k, s) in enumerate(POOLS):
         oh, ow = _pool_out(h, k, s), _pool_out(w, k, s)
         for relu in (False, True):
@@ -90,7 +95,7 @@ def test_pad_and_im2col_match_numpy(lib, i):
     c, h, w, k, s, p = CONVS[i]
     layer = Conv(np.zeros((3, c, k, k), np.float32), np.zeros(3, np.float32), (c, h, w), s, p)
     oh, ow = layer.out_hw
-    kp = -(-c * k * k // 4) * 4
+    kp = _kp(c, k)
     rng = np.random.default_rng(i)
     x = _x(rng, c, h, w)
     buf = Buffers(rng)
