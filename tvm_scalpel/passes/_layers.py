@@ -86,6 +86,12 @@ class Conv2d(_FusedEpilogue):
         return (cpu.conv_out_size(self.shape[2], kh, self.stride[0], self.pad[0]),
                 cpu.conv_out_size(self.shape[3], kw, self.stride[1], self.pad[1]))
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1×1 conv, stride 1, no padding, batch 1: its im2col is X itself, [c, h·w] in NCHW order."""
+        return (self.shape[0] == 1 and self.weight.shape[2:] == (1, 1) and self.stride == (1, 1)
+                and self.pad == (0, 0))
+
 
 def static_shape(x: relax.Expr, ndim: int) -> list[int] | None:
     """x's shape if it is a static fp32 tensor of rank ``ndim``, else None."""
@@ -284,15 +290,20 @@ class LayerRewriter(PyExprMutator):
     def emit_conv_gemm(self, layer: Conv2d, gemm: tvm.tirx.PrimFunc, gemm_name: str,
                        weight_args: list[relax.Expr], im2col_kernel=cpu.im2col) -> relax.Expr:
         """im2col of the whole batch, ``gemm(*weight_args, cols[, bias])`` → O[oc, b·oh·ow], back to
-        NCHW. ``im2col_kernel`` builds the im2col PrimFunc (the CPU one by default)."""
+        NCHW. ``im2col_kernel`` builds the im2col PrimFunc (the CPU one by default). A pointwise conv
+        reads X through a reshape instead, which the VM makes a view: no copy (NIN's 1×1 convs spent
+        0.17 ms per call in im2col copies)."""
         b, c, h, w = layer.shape
         oc, _, kh, kw = layer.weight.shape
         oh, ow = layer.out_hw
         npix = b * oh * ow
-        tag = f"{c}x{h}x{w}_k{kh}x{kw}_s{layer.stride[0]}x{layer.stride[1]}_p{layer.pad[0]}x{layer.pad[1]}_b{b}"
-        im2col = self.add_kernel(im2col_kernel(b, c, h, w, kh, kw, layer.stride, layer.pad), f"im2col_{tag}")
-        cols = self.builder_.emit(relax.call_tir(im2col, [layer.x], out_ty=relax.TensorType(
-            (c * kh * kw, npix), F32)))
+        if layer.pointwise:
+            cols = self.builder_.emit(relax.op.reshape(layer.x, (c, npix)))
+        else:
+            tag = f"{c}x{h}x{w}_k{kh}x{kw}_s{layer.stride[0]}x{layer.stride[1]}_p{layer.pad[0]}x{layer.pad[1]}_b{b}"
+            im2col = self.add_kernel(im2col_kernel(b, c, h, w, kh, kw, layer.stride, layer.pad), f"im2col_{tag}")
+            cols = self.builder_.emit(relax.call_tir(im2col, [layer.x], out_ty=relax.TensorType(
+                (c * kh * kw, npix), F32)))
         gv = self.add_kernel(gemm, gemm_name)
         out = self.builder_.emit(relax.call_tir(gv, [*weight_args, cols, *layer.bias_args()], out_ty=relax.TensorType(
             (oc, npix), F32)))
