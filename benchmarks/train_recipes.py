@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,6 +155,14 @@ def bars_check(recipe: Recipe, res) -> dict:
     if kind == "cpu" and "cpu_size" in b:
         out["size<=bar"] = plan.size_ratio <= b["cpu_size"]
     return out
+
+
+def epochs_by_threads(history) -> dict[str, int]:
+    """How many epochs ran at each torch thread count. A recipe resumed across invocations may have run
+    at several (``--threads`` in ``command`` is only the last one's); "unrecorded": epochs from before
+    EpochRecord.threads existed."""
+    counts = Counter("unrecorded" if h.threads is None else str(h.threads) for h in history)
+    return dict(sorted(counts.items()))
 
 
 def kept_nodes(plan: TrainingPlan) -> dict[str, list[int]]:
@@ -339,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "dense_bytes": plan.dense_bytes, "stored_bytes": plan.stored_bytes,
             "group_width": recipe.group_width(),
             "wall_seconds": res.wall_seconds, "this_process_seconds": time.perf_counter() - t0,
+            "epochs_by_threads": epochs_by_threads(res.history),
             "bars": bars_check(recipe, res) if not args.quick else "not checked (quick run)",
             "node_phase": node_phase(recipe, res.to_dict()["history"], res.dense_accuracy,
                                      args.checkpoints / slug / STAGES_DIR),

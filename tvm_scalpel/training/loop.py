@@ -56,6 +56,7 @@ class EpochRecord:
     weight_density: float
     seconds: float
     tile_sparsity: float | None = None  # pruned / all tiles of the tile-pruned layers
+    threads: int | None = None  # torch's intra-op threads (None: recorded before this field existed)
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,7 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
                 weight_density=pruner.weight_density() if pruner else 1.0,
                 seconds=time.perf_counter() - te,
                 tile_sparsity=pruner.tile_sparsity() if pruner else None,
+                threads=torch.get_num_threads(),
             )
             history.append(rec)
             logger.info("[%s] stage %d/%d %s epoch %d/%d lr %.3g loss %.4f train %.2f%% test %.2f%% "
