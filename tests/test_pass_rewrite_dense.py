@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from test_pass_rewrite_group_sparse import MLP, ConvNet, _group_prune, _import, _ops, _run
 from tvm import relax
 
 import tvm_scalpel
 from tvm_scalpel import formats as F
 from tvm_scalpel.passes._layers import layer_key
+from tvm_scalpel.passes.fuse_layer_chain import CHAIN_ATTR
 from tvm_scalpel.passes.rewrite_dense import DenseConfig, RewriteDense
 from tvm_scalpel.passes.rewrite_group_sparse import GroupSparseConfig, RewriteGroupSparse
-
-from test_pass_rewrite_group_sparse import MLP, ConvNet, _group_prune, _import, _ops, _run
 
 
 @pytest.mark.parametrize("path", ["export", "onnx"])
@@ -56,63 +56,77 @@ def test_idempotent_and_input_not_mutated(host_spec):
 
 
 class _Pointwise(torch.nn.Module):
-    """NIN's shape of block: a 3×3 conv, then 1×1 convs (one after a pool), the last without relu."""
+    """NIN's shape of block: a 3×3 conv, two 1×1 convs, a pool, a 1×1 conv without relu."""
 
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU(),
-            torch.nn.Conv2d(24, 8, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 5, 1))
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 20, 1), torch.nn.ReLU(),
+            torch.nn.Conv2d(20, 8, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 5, 1))
 
     def forward(self, x):
         return self.body(x)
 
 
-def _tir_calls(mod):
-    """The PrimFuncs ``main`` calls through call_tir, in order."""
-    names = []
+def _gemm_inputs(mod):
+    """For each GEMM call in ``main``, in order: (kernel name, what made its D operand: a kernel whose
+    output it reads directly, or a Relax op)."""
+    made_by = {}
+    out = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and v.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+                made_by[b.var] = v.args[0].name_hint
+                if "gemm" in v.args[0].name_hint:  # weights and bias are constants: D is the one var
+                    (d,) = [a for a in v.args[1].fields if isinstance(a, relax.Var)]
+                    out.append((v.args[0].name_hint, made_by.get(d, d.name)))
+            elif isinstance(v, relax.Call):
+                made_by[b.var] = v.op.name
+    return out
 
-    def visit(e):
-        if isinstance(e, relax.Call) and e.op.same_as(tvm.ir.Op.get("relax.call_tir")):
-            names.append(e.args[0].name_hint)
 
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return names
-
-
-@pytest.mark.parametrize("batch, im2cols", [(1, 1), (2, 4)])
-def test_pointwise_convs_read_their_input_without_im2col_at_batch_1(host_spec, batch, im2cols):
-    """At batch 1 a 1×1 conv's im2col would copy X unchanged: the GEMM reads a reshape of X instead. At
-    batch 2 the columns interleave images, so the copy stays."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pointwise_convs_read_their_input_without_im2col_at_batch_1(host_spec, batch):
+    """At batch 1 a 1×1 conv's im2col would copy X unchanged: its GEMM reads a reshape of X, which TVM's
+    RemoveRedundantReshape (next in the pipeline) turns into the previous GEMM's output itself, or a
+    reshape of the pool's output. At batch 2 the columns interleave images: every conv keeps its im2col."""
     model = _Pointwise().eval()
     x = torch.randn(batch, 3, 8, 8)
-    out = RewriteDense(DenseConfig(host_spec))(_import(model, x, "export"))
-    calls = _tir_calls(out)
-    assert sum(c.startswith("im2col") for c in calls) == im2cols
-    assert sum(c.startswith("dense_gemm") for c in calls) == 4
-    assert _ops(out).count("relax.reshape") >= (3 if batch == 1 else 0) + 4  # + each GEMM's output to NCHW
+    rewritten = RewriteDense(DenseConfig(host_spec))(_import(model, x, "export"))
+    out = relax.transform.RemoveRedundantReshape()(rewritten)
+    d = [src for _, src in _gemm_inputs(out)]
+    if batch == 1:
+        assert d[0].startswith("im2col") and d[1:3] == [n for n, _ in _gemm_inputs(out)[:2]]
+        assert d[3] == "relax.reshape"  # the pool's NCHW output as [c, h·w]
+    else:
+        assert all(s.startswith("im2col") for s in d) and len(d) == 4
     np.testing.assert_allclose(_run(out, host_spec, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_pointwise_convs_compile_to_views_and_match_torch(host_spec):
-    """Through the whole pipeline, dense and group-sparse: the reshape feeding a 1×1 conv's GEMM is a
-    VM view (``vm.builtin.reshape``), no copy kernel is left, and the outputs equal torch's."""
+def test_pointwise_convs_chain_with_the_conv_before_them_and_match_torch(host_spec):
+    """Through the whole pipeline, dense and group-sparse: 3×3 conv → 1×1 → 1×1 is one fused chain with
+    no copy between the GEMMs, and the outputs equal torch's. (The 1×1 after the pool is a chain too:
+    FuseLayerChain leads the reshape of the pool's output into it as a copy.)"""
     model = _Pointwise().eval()
     w = host_spec.lanes()
-    with torch.no_grad():  # the second 1×1 conv group-sparse: 24 inputs = groups of w, the last partial
+    with torch.no_grad():  # the second 1×1 conv group-sparse; 20 inputs end in a partial group at w = 8, 16
         conv = model.body[4]
-        keep = np.random.default_rng(0).random((8, -(-24 // w))) < 0.4
-        conv.weight.copy_(torch.from_numpy(F.encode(conv.weight.numpy().reshape(8, 24), w, keep=keep)
+        keep = np.random.default_rng(0).random((8, -(-20 // w))) < 0.4
+        conv.weight.copy_(torch.from_numpy(F.encode(conv.weight.numpy().reshape(8, 20), w, keep=keep)
                                            .to_dense().reshape(conv.weight.shape)))
     x = torch.randn(1, 3, 8, 8)
     plan = tvm_scalpel.CompilePlan(layer_thresholds={layer_key(conv.weight.shape): 0.0})
     lowered = tvm_scalpel.pipeline("host", plan)(_import(model, x, "export"))
+    chains = [[str(n) for n in f.attrs[CHAIN_ATTR]] for _, f in lowered.functions_items()
+              if isinstance(f, tvm.tirx.PrimFunc) and CHAIN_ATTR in f.attrs]
+    assert sorted([n.split("_")[0] + "_" + n.split("_")[1] for n in c] for c in chains) == [
+        ["dense_gemm"], ["im2col_3x8x8", "dense_gemm", "dense_gemm", "group_sparse"]]
     script = lowered["main"].script()
-    called = set(re.findall(r"^\s*(\w+)\(", script, flags=re.M))
-    assert {c for c in called if c.startswith(("im2col", "fused_chain", "dense_gemm", "group_sparse"))}
-    assert not any("reshape" in c or "copy" in c for c in called), called  # views only, no copy kernels
-    assert script.count("vm.builtin.reshape") >= 3
-    assert any(c.startswith("group_sparse_gemm") for c in called)
+    called = re.findall(r"^\s*(\w+)\(", script, flags=re.MULTILINE)
+    assert [c.split("_")[0] for c in called] == ["fused", "max", "fused"], called  # nothing else is called
+    assert script.count("vm.builtin.reshape") == 2  # views: to NCHW for the pool, and the output
     ex = tvm_scalpel.build(_import(model, x, "export"), "host", plan)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()

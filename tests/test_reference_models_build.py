@@ -12,7 +12,7 @@ from tvm import relax
 import tvm_scalpel
 from tvm_scalpel import formats as F
 from tvm_scalpel.models import build_model
-from tvm_scalpel.passes.fuse_layer_chain import kernel_names
+from tvm_scalpel.passes.fuse_layer_chain import CHAIN_ATTR, kernel_names
 
 
 def _random_prune(model, w, seed):
@@ -95,3 +95,15 @@ class GroupedNet(torch.nn.Module):
 def test_branching_and_grouped_models_stay_exact(host_spec, net, path):
     model = _random_prune(net().eval(), host_spec.lanes(), seed=7)
     _assert_build_matches_torch(model, model.example_input(2) * 10, path)
+
+
+def test_nin_at_batch_1_chains_its_pointwise_convs_and_equals_masked_torch(host_spec):
+    """NIN at batch 1: each 1×1 (cccp) conv's GEMM reads the previous GEMM's output, so each conv and
+    its two cccp layers are one chain, and the model equals the masked torch model."""
+    model = _random_prune(build_model("nin").eval(), host_spec.lanes(), seed=3)
+    mod = _assert_build_matches_torch(model, model.example_input(1), "export")
+    lowered = tvm_scalpel.pipeline("host")(mod)
+    chains = sorted([str(n).split("_")[0] for n in f.attrs[CHAIN_ATTR]] for _, f in lowered.functions_items()
+                    if isinstance(f, tvm.tirx.PrimFunc) and CHAIN_ATTR in f.attrs)
+    assert [c[0] for c in chains] == ["im2col"] * 3 and all(len(c) == 4 for c in chains), chains
+    assert not any(k.startswith("im2col") and "_k1x1_" in k for k in kernel_names(lowered))

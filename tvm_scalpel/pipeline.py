@@ -2,7 +2,8 @@
 ``build(mod, target)`` in one call.
 
 CPU (llvm): SplitGroupedConv → FoldNodeMasks → RewriteCSR → RewriteGroupSparse → RewriteDense (each layer's
-kernel takes over the bias add and ReLU after it) → TVM's dispatch + legalization + FuseOps
+kernel takes over the bias add and ReLU after it) → TVM's RemoveRedundantReshape → TVM's dispatch +
+legalization + FuseOps
 → FuseLayerChain (each run of layer kernels becomes one PrimFunc, with TVM's FuseTIR) → ScheduleRemaining → TVM's lowering and finalisation. Every PrimFunc of the result is one of our
 kernels or carries a schedule (``tir.is_scheduled``). GPU (cuda): SplitGroupedConv → FoldNodeMasks → RewriteTileSparse (our
 tiled kernels for every conv and tile-sparse Linear, skipping pruned tiles) → TVM's CUDA pipeline (dlight
@@ -83,6 +84,8 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
         RewriteGroupSparse(GroupSparseConfig(spec, width=plan.group_width, layers={
             k: v for k, v in plan.layer_thresholds.items() if k not in plan.csr_layers})),
         RewriteDense(DenseConfig(spec)),
+        # reshape(reshape(O)) from a GEMM to the next 1×1 conv's GEMM → O itself, so the two chain
+        relax.transform.RemoveRedundantReshape(),
     ]
     legalize = cpu.legalize_passes(target_obj)
     if legalize[-1].info.name != "FuseTIR":  # FuseLayerChain runs FuseTIR itself, after grouping chains

@@ -87,7 +87,7 @@ class Conv2d(_FusedEpilogue):
                 cpu.conv_out_size(self.shape[3], kw, self.stride[1], self.pad[1]))
 
     @property
-    def pointwise(self) -> bool:
+    def im2col_is_x(self) -> bool:
         """A 1×1 conv, stride 1, no padding, batch 1: its im2col is X itself, [c, h·w] in NCHW order."""
         return (self.shape[0] == 1 and self.weight.shape[2:] == (1, 1) and self.stride == (1, 1)
                 and self.pad == (0, 0))
@@ -290,18 +290,22 @@ class LayerRewriter(PyExprMutator):
     def emit_conv_gemm(self, layer: Conv2d, gemm: tvm.tirx.PrimFunc, gemm_name: str,
                        weight_args: list[relax.Expr], im2col_kernel=cpu.im2col) -> relax.Expr:
         """im2col of the whole batch, ``gemm(*weight_args, cols[, bias])`` → O[oc, b·oh·ow], back to
-        NCHW. ``im2col_kernel`` builds the im2col PrimFunc (the CPU one by default). A pointwise conv
-        reads X through a reshape instead, which the VM makes a view: no copy (NIN's 1×1 convs spent
-        0.17 ms per call in im2col copies)."""
+        NCHW. ``im2col_kernel`` builds the im2col PrimFunc (the CPU one by default). When the im2col
+        would be X itself (``Conv2d.im2col_is_x``) the GEMM reads a reshape of X: no copy (NIN's 1×1
+        convs spent 0.17 ms per call in im2col copies). After RemoveRedundantReshape a GEMM following
+        a GEMM reads its output directly (they chain); any other reshape is a VM view, or FuseLayerChain's
+        copy where it leads a chain (a 1×1 conv on the model's input or after a pool)."""
         b, c, h, w = layer.shape
         oc, _, kh, kw = layer.weight.shape
         oh, ow = layer.out_hw
         npix = b * oh * ow
-        if layer.pointwise:
+        if layer.im2col_is_x:
             cols = self.builder_.emit(relax.op.reshape(layer.x, (c, npix)))
         else:
-            tag = f"{c}x{h}x{w}_k{kh}x{kw}_s{layer.stride[0]}x{layer.stride[1]}_p{layer.pad[0]}x{layer.pad[1]}_b{b}"
-            im2col = self.add_kernel(im2col_kernel(b, c, h, w, kh, kw, layer.stride, layer.pad), f"im2col_{tag}")
+            (sh, sw), (ph, pw) = layer.stride, layer.pad
+            tag = f"{c}x{h}x{w}_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}_b{b}"
+            im2col = self.add_kernel(im2col_kernel(b, c, h, w, kh, kw, layer.stride, layer.pad),
+                                     f"im2col_{tag}")
             cols = self.builder_.emit(relax.call_tir(im2col, [layer.x], out_ty=relax.TensorType(
                 (c * kh * kw, npix), F32)))
         gv = self.add_kernel(gemm, gemm_name)
