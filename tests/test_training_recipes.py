@@ -68,7 +68,8 @@ def test_node_schedules_follow_the_released_scripts():
         assert batches[StageKind.NODE] | batches[StageKind.RETRAIN] == {node_batch}, name
         assert batches[StageKind.DENSE] | batches[StageKind.GROUP] == {64}, name
     (conv_retrain,) = [s for s in get_recipe("convnet/gpu").stages if s.kind is StageKind.RETRAIN]
-    assert (conv_retrain.epochs, conv_retrain.optim.lr, conv_retrain.optim.lr_step) == (40, 0.1, 10)
+    # released lr 0.1 diverged on our node-pruned ConvNet (recipes.py): the dense stage's 0.01
+    assert (conv_retrain.epochs, conv_retrain.optim.lr, conv_retrain.optim.lr_step) == (40, 0.01, 10)
     with pytest.raises(TrainingError, match="batch_size"):
         Stage(StageKind.RETRAIN, 1, Optim(lr=0.1), batch_size=0)
     # CPU: groups cut in the node-pruned net go on to 0.10; the MCU (unpruned) schedule is the released one
