@@ -25,7 +25,9 @@ GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)  # as `scalpel run` (not --quick)
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    from tvm_scalpel.profiling import start_rpc_process
+
+    return start_rpc_process(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 def _connect(port: int, key: str, timeout_s: float = 60.0):
@@ -57,7 +59,7 @@ def _pruned_module(batch: int):
 def main() -> int:
     from tvm_scalpel import hardware_spec
     from tvm_scalpel.plan import decide
-    from tvm_scalpel.profiling import layer_shapes, profile
+    from tvm_scalpel.profiling import layer_shapes, profile, stop_rpc_process
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -88,8 +90,8 @@ def main() -> int:
                                     for ld, rd, lp, rp in zip(plans["local"].layers, plans["rpc"].layers,
                                                               local.layers, remote.layers)]})
     finally:
-        server.terminate()
-        tracker.terminate()
+        stop_rpc_process(server)
+        stop_rpc_process(tracker)
     result = {"model": "lenet-300-100", "sparsities": GRID, "same_decisions": same, "batches": rows,
               "provenance": provenance(spec.to_dict()["target"])}
     write_json(RESULTS / "rpc_decisions.json", result)

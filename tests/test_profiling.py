@@ -103,6 +103,15 @@ def test_profiling_over_rpc_gives_the_local_decisions(host_spec):
     assert [d.method.value for d in remote_plan.layers] == ["group", "group", "dense"]
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (exited, not yet reaped by its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_child_runner_times_with_deployed_pools_and_gives_the_local_decisions(host_spec, monkeypatch):
     """`scalpel`'s own process keeps TVM's pool asleep; its profiles are timed in a child whose pool spins
     as deployed (no TVM_THREAD_POOL_SPIN_COUNT in its environment), with the same decisions here."""
@@ -119,12 +128,17 @@ def test_child_runner_times_with_deployed_pools_and_gives_the_local_decisions(ho
     kw = {"sparsities": (0.0, 0.5, 0.9), "number": 5, "repeat": 3}
     runner = ChildRunner()
     try:
-        environ = Path(f"/proc/{runner._server.pid}/environ").read_bytes().split(b"\0")
+        pid = runner._server.pid
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert not any(e.startswith(b"TVM_THREAD_POOL_SPIN_COUNT=") for e in environ)
+        # TVM's rpc_server serves from a PopenWorker child; a SIGTERM to the server alone left it running.
+        workers = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert workers
         child = profile(host_spec, shapes, runner=runner, **kw)
     finally:
         runner.close()
-    assert runner._server.poll() is not None  # closed: the child is gone
+    assert runner._server.poll() is not None  # closed: the child is gone, and the worker it started
+    assert not [w for w in workers if _running(w)]
     assert [lp.shape for lp in child.layers] == shapes
     assert [d.method.value for d in decide(mod, host_spec, child).layers] == ["group", "group", "dense"]
 

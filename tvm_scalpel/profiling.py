@@ -11,10 +11,12 @@ upload them, and time them there with TVM's time evaluator.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -162,6 +164,25 @@ class RPCRunner:
         return float(np.median(timer(*args).results) * 1e6)
 
 
+def start_rpc_process(args: Sequence[str], **popen_kw) -> subprocess.Popen:
+    """``python -m ARGS`` (TVM's rpc_server or rpc_tracker) in a process group of its own, so that
+    ``stop_rpc_process`` can stop it with everything it starts."""
+    return subprocess.Popen([sys.executable, "-m", *args], start_new_session=True, **popen_kw)
+
+
+def stop_rpc_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Stop ``start_rpc_process``'s child and everything it started. TVM's rpc_server serves from a
+    PopenWorker child that a SIGTERM to the server alone leaves running forever (400 MB, reparented to
+    init), so the whole process group gets the signal."""
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError):  # whatever outlived the SIGTERM
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 class ChildRunner(RPCRunner):
     """Times kernels in a child process (a TVM RPC server on 127.0.0.1, no tracker) whose thread pool
     spins when idle, as deployed (``bench.deployed_pool_env``). ``scalpel``'s own process keeps its pools
@@ -178,9 +199,9 @@ class ChildRunner(RPCRunner):
             port = sock.getsockname()[1]
         # Its log goes to a file: an unread pipe would block the server once full.
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the child's lifetime; close() closes it)
-        self._server = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
-             "--port-end", str(port + 1)], env=deployed_pool_env(), stdout=self._log, stderr=self._log)
+        self._server = start_rpc_process(
+            ["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+            env=deployed_pool_env(), stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -197,9 +218,7 @@ class ChildRunner(RPCRunner):
 
     def close(self) -> None:
         self._loaded, self._remote = {}, None
-        if self._server.poll() is None:
-            self._server.terminate()
-            self._server.wait(timeout=10)
+        stop_rpc_process(self._server)
         self._log.close()
 
 
