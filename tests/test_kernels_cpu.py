@@ -50,13 +50,30 @@ def test_dense_nt(host_spec, m, k, n, seed):
 
 
 @SETTINGS
-@given(**dims, seed=st.integers(0, 9999), tile=st.sampled_from([(8, 3), (4, 2), (1, 1), (3, 5)]))
-def test_dense_gemm(host_spec, m, k, n, seed, tile):
+@given(**dims, seed=st.integers(0, 9999), tile=st.sampled_from([(8, 3), (4, 2), (1, 1), (3, 5)]), pack=st.booleans())
+def test_dense_gemm(host_spec, m, k, n, seed, tile, pack):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((m, k)).astype("float32")
     D = rng.standard_normal((k, n)).astype("float32")
-    o = CompiledKernel(cpu.dense_gemm(m, k, n, host_spec, tile=tile), host_spec)(W, D, out_shape=(m, n))
+    o = CompiledKernel(cpu.dense_gemm(m, k, n, host_spec, tile=tile, pack=pack), host_spec)(W, D, out_shape=(m, n))
     _close(o, W @ D)
+
+
+def test_dense_gemm_packs_d_only_for_long_blocks_that_many_row_tiles_read(host_spec):
+    """NIN's conv2 (192 rows, k = 2400) reads a packed copy of D's block; ConvNet's conv2 (32 rows), short
+    rows (k = 192) and NIN's conv3 (n = 64) read D in place. The packed kernel equals numpy."""
+    def scratch(func):
+        return [line.strip() for line in func.script().splitlines() if "T.alloc_buffer" in line]
+
+    nin = cpu.dense_gemm(192, 2400, 256, host_spec)
+    assert scratch(nin) == [f"S = T.alloc_buffer((2400, 3, {host_spec.lanes('float32')}))"]  # k × 3 vectors
+    assert cpu.dense_gemm_packs(128, 1200, 729)  # AlexNet's conv2 (one group)
+    for m, k, n in ((32, 800, 256), (192, 192, 1024), (192, 1728, 64), (64, 2400, 256)):
+        assert not cpu.dense_gemm_packs(m, k, n) and scratch(cpu.dense_gemm(m, k, n, host_spec)) == []
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((192, 2400)).astype("float32")
+    D = rng.standard_normal((2400, 256)).astype("float32")
+    _close(CompiledKernel(nin, host_spec)(W, D, out_shape=(192, 256)), W @ D)
 
 
 @SETTINGS

@@ -37,7 +37,7 @@ from .target import HardwareSpec
 logger = logging.getLogger(__name__)
 
 # Bump when a kernel changes: cached profiles of older kernels are then ignored.
-KERNEL_VERSION = "cpu-5"  # cpu-4: row sums by halves; cpu-5: `scalpel` times them with pools as deployed
+KERNEL_VERSION = "cpu-6"  # cpu-5: timed with pools as deployed; cpu-6: dense_gemm packs D at 1 KiB strides
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 # Sparse "wins" only when at least this much faster: near the crossover, timing noise would otherwise
 # flip decisions from one profile to the next.

@@ -339,12 +339,29 @@ def dense_nt(m: int, k: int, n: int, spec: HardwareSpec, epilogue: Epilogue = NO
     return _dense_func(body, "dense_nt", ((n, k), (m, k), (n, m)), m, epilogue)
 
 
+# dense_gemm packs D's column block from this reduction length, row count and column count on.
+PACK_MIN_K, PACK_MIN_ROWS, PACK_MIN_COLS = 1024, 128, 128
+
+
+def dense_gemm_packs(m: int, k: int, n: int) -> bool:
+    """Whether ``dense_gemm`` copies each task's D[:, block] to a contiguous scratch first (as
+    ``group_sparse_gemm`` does): when the block is long (k rows of 3 vectors: ≥ 192 KB, several times L1)
+    and at least 16 row tiles read it. In place, its rows are n floats apart; at a multiple of 1 KiB
+    (NIN's 256 and 1024 pixels) they fall into a few cache sets and evict each other. Measured here
+    (benchmarks/results/dense_gemm_pack.md; two earlier runs agree): NIN's conv2 192x2400 · 2400x256 1.9x
+    faster packed (earlier 2.1-2.2x), its pruned conv2 at batch 16 (n = 4096) 2.8x, AlexNet's convs
+    (n = 729, 169) 1.01-1.11x (earlier 0.85-1.25x); with few rows (m ≤ 64), short rows (k ≤ 800) or
+    n = 64, packing lost up to 15 % (the copy is not paid back)."""
+    return k >= PACK_MIN_K and m >= PACK_MIN_ROWS and n >= PACK_MIN_COLS
+
+
 def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int] = (8, 3),
-               epilogue: Epilogue = NO_EPILOGUE) -> tirx.PrimFunc:
+               epilogue: Epilogue = NO_EPILOGUE, pack: bool | None = None) -> tirx.PrimFunc:
     """O[m, n] = W[m, k] · D[k, n] (+ B[m], ReLU: ``epilogue``), dense; register tile of ``tile`` =
     (rows, vectors), parallel over column blocks (D[:, block] stays in L2 while every row tile passes
-    over it)."""
+    over it). ``pack`` (default: ``dense_gemm_packs``): read the block from a contiguous copy."""
     _check_dims(m=m, k=k, n=n)
+    pack = dense_gemm_packs(m, k, n) if pack is None else pack
     cols = _columns(n, spec.lanes(F32), tile[1])
     width, nv = cols.width, cols.nv
     mb = min(tile[0], m)
@@ -352,27 +369,42 @@ def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int]
     loop = _loop(m * n * k)
 
     @T.macro
+    def tiles(W, D, S, B, O, acc, blk):
+        for t in range(mt):
+            # The last row tile is clamped to end at m: rows recomputed by the same task.
+            for i in T.unroll(mb):
+                for v in T.unroll(nv):
+                    for l in T.vectorized(width):
+                        acc[i, v, l] = T.float32(0)
+            for kk in range(k):
+                for i in T.unroll(mb):
+                    for v in T.unroll(nv):
+                        for l in T.vectorized(width):
+                            if pack:
+                                acc[i, v, l] = acc[i, v, l] + W[T.min(t * mb, m - mb) + i, kk] * S[kk, v, l]
+                            else:
+                                acc[i, v, l] = acc[i, v, l] + W[T.min(t * mb, m - mb) + i, kk] * D[
+                                    kk, cols.offset(blk, v) + l]
+            for i in T.unroll(mb):
+                for v in T.unroll(nv):
+                    for l in T.vectorized(width):
+                        O[T.min(t * mb, m - mb) + i, cols.offset(blk, v) + l] = epilogue(
+                            acc[i, v, l], B, T.min(t * mb, m - mb) + i)
+
+    @T.macro
     def body(W, D, B, O):
         for blk in loop(cols.nblk):
             p: T.let[T.handle] = stack_scratch(mb * nv * width * _BYTES)
             acc = T.decl_buffer((mb, nv, width), F32, data=p)
-            for t in range(mt):
-                # The last row tile is clamped to end at m: rows recomputed by the same task.
-                for i in T.unroll(mb):
-                    for v in T.unroll(nv):
-                        for l in T.vectorized(width):
-                            acc[i, v, l] = T.float32(0)
+            if pack:
+                S = T.decl_buffer((k, nv, width), F32, scope="global")
                 for kk in range(k):
-                    for i in T.unroll(mb):
-                        for v in T.unroll(nv):
-                            for l in T.vectorized(width):
-                                acc[i, v, l] = acc[i, v, l] + W[T.min(t * mb, m - mb) + i, kk] * D[
-                                    kk, cols.offset(blk, v) + l]
-                for i in T.unroll(mb):
                     for v in T.unroll(nv):
                         for l in T.vectorized(width):
-                            O[T.min(t * mb, m - mb) + i, cols.offset(blk, v) + l] = epilogue(
-                                acc[i, v, l], B, T.min(t * mb, m - mb) + i)
+                            S[kk, v, l] = D[kk, cols.offset(blk, v) + l]
+                tiles(W, D, S, B, O, acc, blk)
+            else:
+                tiles(W, D, None, B, O, acc, blk)
 
     return _dense_func(body, "dense_gemm", ((m, k), (k, n), (m, n)), m, epilogue)
 
