@@ -167,3 +167,25 @@ def test_child_runner_that_does_not_come_up_is_a_clear_error():
     with pytest.raises(PlanError, match=r"profiling: the timing child \(python -m tvm.exec.rpc_server on "
                                         r"127\.0\.0\.1:\d+\) did not come up"):
         ChildRunner(timeout_s=0.0)
+
+
+def test_child_runner_interrupted_while_starting_stops_its_child(monkeypatch):
+    """Ctrl-C while the child starts: the child runs in its own session (no terminal SIGINT reaches it),
+    so the runner must stop it before the interrupt goes on."""
+    from tvm_scalpel import profiling
+
+    started = []
+
+    def start(*args, **kw):
+        started.append(real_start(*args, **kw))
+        return started[-1]
+
+    def interrupted(self, port, timeout_s):
+        raise KeyboardInterrupt
+
+    real_start = profiling.start_rpc_process
+    monkeypatch.setattr(profiling, "start_rpc_process", start)
+    monkeypatch.setattr(profiling.ChildRunner, "_connect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profiling.ChildRunner()
+    assert started[0].poll() is not None

@@ -37,7 +37,7 @@ from .target import HardwareSpec
 logger = logging.getLogger(__name__)
 
 # Bump when a kernel changes: cached profiles of older kernels are then ignored.
-KERNEL_VERSION = "cpu-6"  # cpu-5: timed with pools as deployed; cpu-6: dense_gemm packs D at 1 KiB strides
+KERNEL_VERSION = "cpu-6"  # cpu-5: timed with pools as deployed; cpu-6: dense_gemm packs long blocks of D
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 # Sparse "wins" only when at least this much faster: near the crossover, timing noise would otherwise
 # flip decisions from one profile to the next.
@@ -174,12 +174,13 @@ def stop_rpc_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
     """Stop ``start_rpc_process``'s child and everything it started. TVM's rpc_server serves from a
     PopenWorker child that a SIGTERM to the server alone leaves running forever (400 MB, reparented to
     init), so the whole process group gets the signal."""
-    with contextlib.suppress(ProcessLookupError):  # the group is already gone
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is already gone
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout_s)
-    with contextlib.suppress(ProcessLookupError):  # whatever outlived the SIGTERM
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # whatever outlived the SIGTERM
         os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()  # a no-op once it has exited; ends a child that is not its group's leader
     proc.wait()
 
 
@@ -190,8 +191,6 @@ class ChildRunner(RPCRunner):
     20 us on a 2-vCPU VM) that a deployed model does not. ``close()`` stops the child."""
 
     def __init__(self, timeout_s: float = 60.0):
-        from tvm import rpc
-
         from .bench import deployed_pool_env
 
         with socket.socket() as sock:  # a free port (the server binds it a moment later)
@@ -202,6 +201,15 @@ class ChildRunner(RPCRunner):
         self._server = start_rpc_process(
             ["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
             env=deployed_pool_env(), stdout=self._log, stderr=self._log)
+        try:
+            self._connect(port, timeout_s)
+        except BaseException:  # Ctrl-C too: in its own session, the child does not get the terminal's SIGINT
+            self.close()
+            raise
+
+    def _connect(self, port: int, timeout_s: float) -> None:
+        from tvm import rpc
+
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -210,16 +218,15 @@ class ChildRunner(RPCRunner):
             except Exception as err:  # noqa: BLE001 (tvm raises TVMError/RuntimeError while it starts)
                 if self._server.poll() is not None or time.monotonic() > deadline:
                     self._log.seek(0)
-                    log = self._log.read()[-2000:]
-                    self.close()
                     raise PlanError(f"profiling: the timing child (python -m tvm.exec.rpc_server on 127.0.0.1:"
-                                    f"{port}) did not come up ({err}); its log:\n{log}") from None
+                                    f"{port}) did not come up ({err}); its log:\n{self._log.read()[-2000:]}") from None
                 time.sleep(0.2)
 
     def close(self) -> None:
         self._loaded, self._remote = {}, None
-        stop_rpc_process(self._server)
-        self._log.close()
+        if not self._log.closed:  # once: a second close must not signal a group id the system may reuse
+            stop_rpc_process(self._server)
+            self._log.close()
 
 
 def measure_layer(shape: LayerShape, spec: HardwareSpec, sparsities: Sequence[float] = DEFAULT_SPARSITIES,
