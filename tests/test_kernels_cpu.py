@@ -71,9 +71,12 @@ def test_dense_gemm_packs_d_only_for_long_blocks_that_many_row_tiles_read(host_s
     for m, k, n in ((32, 800, 256), (192, 192, 1024), (192, 1728, 64), (64, 2400, 256)):
         assert not cpu.dense_gemm_packs(m, k, n) and scratch(cpu.dense_gemm(m, k, n, host_spec)) == []
     rng = np.random.default_rng(0)
-    W = rng.standard_normal((192, 2400)).astype("float32")
-    D = rng.standard_normal((2400, 256)).astype("float32")
-    _close(CompiledKernel(nin, host_spec)(W, D, out_shape=(192, 256)), W @ D)
+    # NIN's shape, and one with a ragged last row tile and a ragged last column vector (both clamped)
+    for func, (m, k, n) in ((nin, (192, 2400, 256)), (cpu.dense_gemm(130, 1030, 130, host_spec), (130, 1030, 130))):
+        assert scratch(func)
+        W = rng.standard_normal((m, k)).astype("float32")
+        D = rng.standard_normal((k, n)).astype("float32")
+        _close(CompiledKernel(func, host_spec)(W, D, out_shape=(m, n)), W @ D)
 
 
 @SETTINGS

@@ -345,13 +345,15 @@ PACK_MIN_K, PACK_MIN_ROWS, PACK_MIN_COLS = 1024, 128, 128
 
 def dense_gemm_packs(m: int, k: int, n: int) -> bool:
     """Whether ``dense_gemm`` copies each task's D[:, block] to a contiguous scratch first (as
-    ``group_sparse_gemm`` does): when the block is long (k rows of 3 vectors: ≥ 192 KB, several times L1)
-    and at least 16 row tiles read it. In place, its rows are n floats apart; at a multiple of 1 KiB
+    ``group_sparse_gemm`` does): when the block is long (k rows of 3 vectors, several times L1) and at
+    least 16 row tiles read it. In place, its rows are n floats apart; at a multiple of 1 KiB
     (NIN's 256 and 1024 pixels) they fall into a few cache sets and evict each other. Measured here
     (benchmarks/results/dense_gemm_pack.md; two earlier runs agree): NIN's conv2 192x2400 · 2400x256 1.9x
     faster packed (earlier 2.1-2.2x), its pruned conv2 at batch 16 (n = 4096) 2.8x, AlexNet's convs
-    (n = 729, 169) 1.01-1.11x (earlier 0.85-1.25x); with few rows (m ≤ 64), short rows (k ≤ 800) or
-    n = 64, packing lost up to 15 % (the copy is not paid back)."""
+    (n = 729, 169) 1.01-1.11x (earlier 0.85-1.25x); with few rows (m ≤ 64) or n = 64 packing lost up to
+    15 % (the copy is not paid back). Some shorter blocks gained too (NIN's conv1, k = 75: 1.16x; AlexNet's
+    conv1, k = 363: 1.07-1.21x) and are left unpacked: the rule keeps to the clear wins. Thresholds assume
+    the default 8-row tile and were measured on this machine only."""
     return k >= PACK_MIN_K and m >= PACK_MIN_ROWS and n >= PACK_MIN_COLS
 
 
