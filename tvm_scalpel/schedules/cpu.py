@@ -242,6 +242,19 @@ def _columns(n: int, lanes: int, nv: int) -> _Columns:
     return _Columns(n=n, width=width, nv=min(nv, -(-n // width)))
 
 
+def _pack_block(k: int, cols: _Columns):
+    """A macro ``pack(D, S, blk)`` copying D's column block ``blk`` into S[k, nv, width] (contiguous):
+    every later vector load from S is aligned, and its rows share no cache sets whatever n's stride."""
+    @T.macro
+    def pack(D, S, blk):
+        for kk in range(k):
+            for v in T.unroll(cols.nv):
+                for l in T.vectorized(cols.width):
+                    S[kk, v, l] = D[kk, cols.offset(blk, v) + l]
+
+    return pack
+
+
 # ----------------------------------------------------------------------------------------------
 # Dense
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +382,7 @@ def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int]
     mb = min(tile[0], m)
     mt = -(-m // mb)
     loop = _loop(m * n * k)
+    pack_block = _pack_block(k, cols)
 
     @T.macro
     def tiles(W, D, S, B, O, acc, blk):
@@ -400,10 +414,7 @@ def dense_gemm(m: int, k: int, n: int, spec: HardwareSpec, tile: tuple[int, int]
             acc = T.decl_buffer((mb, nv, width), F32, data=p)
             if pack:
                 S = T.decl_buffer((k, nv, width), F32, scope="global")
-                for kk in range(k):
-                    for v in T.unroll(nv):
-                        for l in T.vectorized(width):
-                            S[kk, v, l] = D[kk, cols.offset(blk, v) + l]
+                pack_block(D, S, blk)
                 tiles(W, D, S, B, O, acc, blk)
             else:
                 tiles(W, D, None, B, O, acc, blk)
@@ -483,6 +494,7 @@ def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: in
     cols = _columns(n, spec.lanes(F32), nv)
     width, nv = cols.width, cols.nv
     loop = _loop(m * n * k)
+    pack_block = _pack_block(k, cols)
 
     @T.macro
     def group(V, S, acc, j, col0, nrows, blk):
@@ -519,10 +531,7 @@ def group_sparse_gemm(m: int, k: int, w: int, n: int, spec: HardwareSpec, nv: in
             acc = T.decl_buffer((nv, width), F32, data=p)
             if pack:
                 S = T.decl_buffer((k, nv, width), F32, scope="global")
-                for kk in range(k):
-                    for v in T.unroll(nv):
-                        for l in T.vectorized(width):
-                            S[kk, v, l] = D[kk, cols.offset(blk, v) + l]
+                pack_block(D, S, blk)
                 rows(V, I, P, S, B, O, acc, blk)
             else:
                 rows(V, I, P, D, B, O, acc, blk)
