@@ -11,9 +11,9 @@ from hypothesis.extra import numpy as hnp
 from tvm_scalpel import formats
 from tvm_scalpel.models import build_model
 from tvm_scalpel.target import hardware_spec
-from tvm_scalpel.training import (GroupConfig, MagnitudeConfig, MagnitudeCriterion, NodeConfig, PruneConfig,
-                                  TrainingError, expand_groups, magnitude_keep, magnitude_keep_std, prepare,
-                                  simd_group_keep)
+from tvm_scalpel.training import (GroupConfig, GroupCriterion, MagnitudeConfig, MagnitudeCriterion, NodeConfig,
+                                  PruneConfig, TrainingError, expand_groups, magnitude_keep, magnitude_keep_std,
+                                  prepare, simd_group_keep, simd_group_keep_sparsity)
 
 
 def test_rms_threshold_by_hand():
@@ -61,6 +61,52 @@ def test_group_mask_is_aligned_and_last_group_kept(w, width, thr):
     assert mask[:, start:].all()
     kept_rms = formats.group_rms(w * mask, width)[:, :-1]
     assert ((kept_rms >= thr) | (kept_rms == 0)).all()
+
+
+def test_layer_sparsity_rule_by_hand():
+    # RMS per group of 2: row 0: 0.3, 0.1, 0.0, 0.5; row 1: 0.2, 0.4, 0.05, 0.6 (8 groups)
+    w = np.array([[0.3, -0.3, 0.1, 0.1, 0.0, 0.0, 0.5, 0.5], [0.2, 0.2, -0.4, 0.4, 0.05, 0.05, 0.6, 0.6]])
+    assert simd_group_keep_sparsity(w, 2, 0.0).all()
+    # 4 of 8 groups go: the four lowest RMS among all but each row's last (0.0, 0.05, 0.1, 0.2)
+    assert simd_group_keep_sparsity(w, 2, 0.5).tolist() == [[True, False, False, True], [False, True, False, True]]
+    # 0.9 of 8 rounds to 7, but only 6 groups are not a row's last: those 6 go
+    assert simd_group_keep_sparsity(w, 2, 0.9).tolist() == [[False, False, False, True], [False, False, False, True]]
+    assert simd_group_keep_sparsity(w, 8, 0.5).all()  # one group per row: nothing can go
+    for bad in (-0.1, 1.0):
+        with pytest.raises(TrainingError, match=r"fraction of a layer's groups to prune in \[0, 1\), found"):
+            simd_group_keep_sparsity(w, 2, bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)),
+                  elements=st.floats(-0.25, 0.25, width=32)),
+       st.sampled_from([1, 2, 4, 8]), st.floats(0.0, 0.5), st.floats(0.0, 0.45))
+def test_layer_sparsity_rule_ranks_within_the_layer_and_is_cumulative(w, width, first, more):
+    keep = simd_group_keep_sparsity(w, width, first)
+    rms = formats.group_rms(formats.flatten_per_filter(w), width)
+    assert keep[:, -1].all()
+    n_groups, candidates = rms.size, rms[:, :-1].size
+    assert (~keep).sum() == min(int(round(first * n_groups)), candidates)
+    if (~keep).any() and keep[:, :-1].any():  # every pruned group ranks at or below every kept candidate
+        assert rms[~keep].max() <= rms[:, :-1][keep[:, :-1]].min()
+    # the next stage starts from the pruned weight: what went stays gone
+    mask = expand_groups(keep, w.shape[1], width)
+    again = simd_group_keep_sparsity(w * mask, width, first + more)
+    assert not (again & ~keep).any()
+
+
+def test_pruner_prunes_each_layer_to_its_fraction_of_groups():
+    torch.manual_seed(0)
+    model = build_model("lenet-5")
+    pruner = prepare(model, PruneConfig(group=GroupConfig(width=2, criterion=GroupCriterion.LAYER_SPARSITY)))
+    pruner.prune_groups(0.7)
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        w = getattr(model, name).weight.detach().numpy()
+        ref = simd_group_keep_sparsity(w, 2, 0.7)
+        got = formats.padded_groups(getattr(pruner.model, name).weight.detach().numpy().reshape(len(w), -1), 2)
+        assert np.array_equal(got.any(axis=2), ref & formats.padded_groups(w.reshape(len(w), -1), 2).any(axis=2))
+        assert abs((~ref).mean() - 0.7) < 0.02, name  # each layer, not the model as a whole
+    assert model.conv1.weight.detach().count_nonzero() == model.conv1.weight.numel()  # the input is untouched
 
 
 def test_width_comes_from_hardware_spec():

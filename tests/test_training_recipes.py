@@ -8,8 +8,9 @@ import torch
 from tvm_scalpel import data
 from tvm_scalpel.data import ImageSet, Split
 from tvm_scalpel.target import HardwareClass, hardware_spec
-from tvm_scalpel.training import (LayerKind, Optim, Stage, StageKind, TrainingError, get_recipe, paper_recipe,
-                                  quick, recipe_names, run_recipe)
+from tvm_scalpel.training import (GroupCriterion, LayerKind, Optim, Stage, StageKind, TrainingError, get_recipe,
+                                  paper_recipe, quick, recipe_names, run_recipe)
+from tvm_scalpel.training.loop import recipe_fingerprint
 
 HASWELL = {"kind": "llvm", "mcpu": "haswell"}
 
@@ -45,7 +46,23 @@ def test_paper_schedules():
     assert cpu.group_width() == hardware_spec("host").lanes("float32")
     assert cpu.with_target(HASWELL).group_width() == 8
     assert [s.kind for s in cpu.stages][:2] == [StageKind.DENSE, StageKind.NODE]
-    assert len(recipe_names()) == 20  # 3 models × 6 kinds, VGG16: dense and gpu-fine
+    assert len(recipe_names()) == 23  # 3 models × 7 kinds, VGG16: dense and gpu-fine
+
+
+def test_mcu_layer_recipe_is_magnitudes_schedule_in_simd_groups():
+    """``mcu-layer`` differs from ``magnitude`` only in what a stage prunes: aligned groups of the MCU's
+    int16 lanes instead of single weights, each layer to the same fraction."""
+    layer, mag = get_recipe("convnet/mcu-layer"), get_recipe("convnet/magnitude")
+    assert _values(layer, StageKind.GROUP) == _values(mag, StageKind.MAGNITUDE) == [0.5, 0.7, 0.8, 0.9]
+    assert [(s.epochs, s.optim) for s in layer.stages] == [(s.epochs, s.optim) for s in mag.stages]
+    assert layer.group_width() == hardware_spec("cortex-m4").lanes("int16") == 2
+    cfg = layer.prune_config().group
+    assert cfg.criterion is GroupCriterion.LAYER_SPARSITY and cfg.width == 2
+    assert get_recipe("convnet/mcu").prune_config().group.criterion is GroupCriterion.THRESHOLD
+    # the criterion is part of the fingerprint, and recipes made before it existed kept theirs
+    assert recipe_fingerprint(layer) != recipe_fingerprint(replace(layer, group_criterion=GroupCriterion.THRESHOLD))
+    assert recipe_fingerprint(get_recipe("convnet/mcu")) == "842441b4417e5ac8"  # the parked checkpoint's
+    assert recipe_fingerprint(mag) == "85181b58dfcd8821"
 
 
 def test_node_schedules_follow_the_released_scripts():

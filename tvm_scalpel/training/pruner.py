@@ -52,6 +52,11 @@ class MagnitudeCriterion(str, enum.Enum):
     STD = "std"  # stage value = quality q, prune |w| < q · std(w)
 
 
+class GroupCriterion(str, enum.Enum):
+    THRESHOLD = "threshold"  # stage value = RMS threshold, the same for every layer (the paper's rule)
+    LAYER_SPARSITY = "layer-sparsity"  # stage value = fraction of each layer's groups pruned, lowest RMS first
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Node pruning. ``rule=None`` uses the model's own ``beta_max`` (0.802, NIN 0.82, AlexNet 0.81).
@@ -69,11 +74,13 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """SIMD-aware weight pruning at group width ``width`` (= SIMD lanes; see :meth:`for_target`)."""
+    """SIMD-aware weight pruning at group width ``width`` (= SIMD lanes; see :meth:`for_target`).
+    ``criterion``: what a stage's value means (the paper's global RMS threshold by default)."""
 
     width: int
     layers: tuple[str, ...] | None = None
     kinds: tuple[LayerKind, ...] = (LayerKind.LINEAR, LayerKind.CONV2D)
+    criterion: GroupCriterion = GroupCriterion.THRESHOLD
 
     def __post_init__(self) -> None:
         if not isinstance(self.width, int) or self.width < 1:
@@ -400,7 +407,8 @@ class Pruner:
         return m2[rows[:, None], cols] if len(rows) else np.zeros(shape, bool)
 
     def prune_groups(self, threshold: float) -> None:
-        """Start a SIMD-aware stage: recompute the group masks at ``threshold`` and apply them.
+        """Start a SIMD-aware stage: recompute the group masks at ``threshold`` and apply them. Under
+        ``GroupCriterion.LAYER_SPARSITY`` the value is the fraction of each layer's groups to prune.
 
         Groups are cut in the compacted weight (pruned nodes and their inputs removed), the matrix the
         compiler will encode, so they stay aligned after shrinking.
@@ -414,10 +422,12 @@ class Pruner:
         self.group_threshold = float(threshold)
         for name in self._weight_layers:
             wc, rows, cols = self._compact(name)
-            keep = rules.expand_groups(rules.simd_group_keep(wc, cfg.width, threshold), wc.shape[1], cfg.width)
+            rule = rules.simd_group_keep if cfg.criterion is GroupCriterion.THRESHOLD \
+                else rules.simd_group_keep_sparsity
+            keep = rules.expand_groups(rule(wc, cfg.width, threshold), wc.shape[1], cfg.width)
             self.weight_masks[name] = self._scatter(name, keep, rows, cols)
         self.apply_weight_masks()
-        logger.info("group threshold %.4g (w=%d): weight density %.4f", threshold, cfg.width,
+        logger.info("group %s %.4g (w=%d): weight density %.4f", cfg.criterion.value, threshold, cfg.width,
                     self.weight_density())
 
     def tile_layers(self) -> tuple[str, ...]:

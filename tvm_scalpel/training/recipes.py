@@ -4,6 +4,9 @@ MCU: SIMD-aware weight pruning only (w = the MCU's int16 lanes). GPU: node pruni
 CPU: node pruning, then SIMD-aware pruning (w = the CPU's fp32 lanes) on the layers that are sparse
 enough to beat dense there (FC layers, as in the paper, unless a profile says otherwise).
 ``magnitude`` is traditional unstructured pruning, the paper's baseline; ``dense`` trains only.
+``mcu-layer`` is SIMD-aware pruning on traditional pruning's schedule (not the paper's rule): the same
+stages as ``magnitude`` (50/70/80/90 % of each layer, 20 epochs each), each pruning the lowest-RMS
+aligned groups of w within the layer instead of single weights, so the two differ only in structure.
 ``gpu-fine`` is GPU-aware fine-grain pruning (not in the paper): dense training, then cumulative stages
 that prune the lowest-RMS rows×k tiles (``hardware_spec(target).tile``) of each layer, each retrained;
 every stage's accuracy is recorded so the highest tile sparsity within a loss budget can be picked.
@@ -24,7 +27,7 @@ from ..models import DEFAULT_DATASET, canonical_name
 from ..target import HardwareClass, TargetLike, hardware_spec
 from .errors import TrainingError
 from .mask import MaskRule
-from .pruner import GroupConfig, LayerKind, MagnitudeConfig, NodeConfig, PruneConfig, TileConfig
+from .pruner import GroupConfig, GroupCriterion, LayerKind, MagnitudeConfig, NodeConfig, PruneConfig, TileConfig
 
 
 class StageKind(str, enum.Enum):
@@ -111,6 +114,8 @@ class Recipe:
     target: Any = None
     group_dtype: str = "float32"
     group_kinds: tuple[LayerKind, ...] = (LayerKind.LINEAR, LayerKind.CONV2D)
+    #: What a GROUP stage's value means: the paper's global RMS threshold, or a per-layer fraction.
+    group_criterion: GroupCriterion = GroupCriterion.THRESHOLD
     node: NodeConfig | None = None
     magnitude: MagnitudeConfig | None = None
     model_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -143,7 +148,7 @@ class Recipe:
         w = self.group_width()
         return PruneConfig(
             node=self.node if (StageKind.NODE in kinds or StageKind.RETRAIN in kinds) else None,
-            group=GroupConfig(width=w, kinds=self.group_kinds) if w else None,
+            group=GroupConfig(width=w, kinds=self.group_kinds, criterion=self.group_criterion) if w else None,
             magnitude=self.magnitude if StageKind.MAGNITUDE in kinds else None,
             tile=self._tile_config() if StageKind.TILE in kinds else None,
         )
@@ -170,7 +175,12 @@ class Recipe:
             if isinstance(v, dict):
                 return {k: enc(x) for k, x in v.items()}
             return v
-        return enc(self)
+        d = enc(self)
+        # Added after checkpoints were made: left out at its default, so that every recipe written
+        # before it keeps its fingerprint (and its checkpoints stay resumable).
+        if self.group_criterion is GroupCriterion.THRESHOLD:
+            del d["group_criterion"]
+        return d
 
 
 # ------------------------------------------------------------------ the paper's schedules
@@ -256,6 +266,9 @@ def _group_stages(model: str, thresholds: tuple[float, ...] | None = None) -> tu
     return tuple(Stage(StageKind.GROUP, epochs, opt, value=t) for t in thresholds or _SIMD_THRESHOLDS[model])
 
 
+#: Traditional pruning's stages (assumed: Han et al.-style), each layer's cumulative sparsity; the
+#: ``mcu-layer`` recipe prunes SIMD groups on the same schedule.
+_MAGNITUDE_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 #: GPU tile stages: cumulative fractions of each layer's tiles (assumed; not in the paper).
 _TILE_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 #: VGG16 on Fashion-MNIST padded to 32×32, one input channel (a grey image copied to three channels
@@ -313,11 +326,18 @@ def paper_recipe(model: str, hardware: HardwareClass | str, target: TargetLike |
     node = NodeConfig(rule=MaskRule(beta_max=beta))
     if hw_name == "dense":
         return Recipe(f"{model}/dense", model, data, dense)
-    if hw_name == "magnitude":
+    if hw_name in ("magnitude", "mcu-layer"):
         opt = dense[0].optim
-        stages = tuple(Stage(StageKind.MAGNITUDE, 20, opt, value=s) for s in (0.5, 0.7, 0.8, 0.9))
-        return Recipe(f"{model}/magnitude", model, data, dense + stages, magnitude=MagnitudeConfig(),
-                      notes="assumed: Han et al.-style iterative schedule, 20 epochs a stage")
+        if hw_name == "magnitude":
+            stages = tuple(Stage(StageKind.MAGNITUDE, 20, opt, value=s) for s in _MAGNITUDE_SPARSITIES)
+            return Recipe(f"{model}/magnitude", model, data, dense + stages, magnitude=MagnitudeConfig(),
+                          notes="assumed: Han et al.-style iterative schedule, 20 epochs a stage")
+        default_target, dtype = _TARGETS[HardwareClass.MCU]
+        stages = tuple(Stage(StageKind.GROUP, 20, opt, value=s) for s in _MAGNITUDE_SPARSITIES)
+        return Recipe(f"{model}/mcu-layer", model, data, dense + stages, HardwareClass.MCU,
+                      target if target is not None else default_target, dtype,
+                      group_criterion=GroupCriterion.LAYER_SPARSITY,
+                      notes="not the paper's rule: SIMD-aware groups pruned to magnitude's per-layer sparsities")
     hw = HardwareClass(hw_name)
     default_target, dtype = _TARGETS[hw]
     target = target if target is not None else default_target
@@ -374,7 +394,7 @@ def scale_schedule(recipe: Recipe, factor: float) -> Recipe:
 
 
 TRAINABLE_MODELS = ("lenet-300-100", "lenet-5", "convnet", "vgg16")
-RECIPE_KINDS = ("dense", "mcu", "cpu", "gpu", "magnitude", "gpu-fine")
+RECIPE_KINDS = ("dense", "mcu", "cpu", "gpu", "magnitude", "gpu-fine", "mcu-layer")
 #: Models without the paper's released schedules get only these kinds.
 _MODEL_KINDS = {"vgg16": ("dense", "gpu-fine")}
 

@@ -28,6 +28,26 @@ def simd_group_keep(weight: np.ndarray, w: int, threshold: float) -> np.ndarray:
     return keep
 
 
+def simd_group_keep_sparsity(weight: np.ndarray, w: int, sparsity: float) -> np.ndarray:
+    """Which aligned 1×w groups to keep, shape (rows, ceil(K/w)), pruning the ``sparsity`` fraction of the
+    layer's groups with the lowest RMS: a per-layer target (traditional pruning's schedule) instead of
+    the paper's global threshold. The last group of every row is kept as in ``simd_group_keep`` (so a
+    layer with one group per row prunes nothing). Ranked within the layer, ties broken by position;
+    already-zero groups have RMS 0 and go first, so raising ``sparsity`` stage by stage is cumulative.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise TrainingError(f"group sparsity: expected the fraction of a layer's groups to prune in [0, 1), "
+                            f"found {sparsity}")
+    w2 = formats.flatten_per_filter(np.asarray(weight))
+    rms = formats.group_rms(w2, w) if w2.shape[0] else np.zeros((0, -(-w2.shape[1] // w)))
+    candidates = rms[:, :-1].ravel()  # every group but the last of each row
+    kept = np.ones(candidates.size, dtype=bool)
+    kept[np.argsort(candidates, kind="stable")[:min(int(round(sparsity * rms.size)), candidates.size)]] = False
+    keep = np.ones(rms.shape, dtype=bool)
+    keep[:, :-1] = kept.reshape(rms.shape[0], rms.shape[1] - 1)
+    return keep
+
+
 def expand_groups(keep: np.ndarray, k: int, w: int) -> np.ndarray:
     """(rows, n_groups) group mask → (rows, k) element mask (the ragged last group cropped)."""
     keep = np.asarray(keep, dtype=bool)
