@@ -7,6 +7,7 @@ flash, RAM, accuracy.
     python benchmarks/micro.py --models lenet-300-100 --no-train
     python benchmarks/micro.py --models lenet-300-100 lenet-5 convnet --quick-models lenet-5 convnet
     python benchmarks/micro.py --models lenet-5 --quick --epochs 4 --subset 0 --group-stages 5   # shortened full
+    python benchmarks/micro.py --models convnet --no-train --layer-variant   # + SIMD groups on magnitude's schedule
 
 Per model, three int16 builds by the same flow (tvm_scalpel.micro: TVM-generated C, arm-none-eabi-gcc
 -O2 -funroll-loops, the same driver):
@@ -16,7 +17,11 @@ Per model, three int16 builds by the same flow (tvm_scalpel.micro: TVM-generated
 - Scalpel:     the SIMD-aware pruned model (MCU recipe, w = hardware_spec(board).lanes('int16'): 2 on the
                M4, 8 on the M55, whose schedule is train_recipes.py's MODEL/simd-w8), one index per kept
                group, one SIMD MAC per group; per layer group-sparse or dense, whichever runs fewer
-               instructions when the layer is built alone and run on the board (micro.measure_layers).
+               instructions when the layer is built alone and run on the board (micro.measure_layers);
+- with --layer-variant (M4), "scalpel-layer": the same groups, kernels and choice, trained by MODEL/mcu-layer,
+               i.e. traditional pruning's schedule (50/70/80/90 % of each layer) pruning the lowest-RMS
+               pairs within each layer instead of the paper's global threshold: it differs from
+               "traditional" only in structure (aligned pairs, one index each, SMLAD).
 Each variant is built under every code-shape setting of micro.GRID (explicit unroll 1/4/8, USAT/SSAT or
 compare-and-select saturation) and keeps its fewest instructions; all counts are recorded. Every build
 runs the first test images on QEMU; outputs must equal the numpy int16 reference bit for
@@ -157,12 +162,13 @@ def _measure(project: micro.Project, first: micro.RunResult, labels: np.ndarray,
 
 
 def run_model(model_name: str, quick: QuickSettings | None, train: bool, images: int, out: Path,
-              target: str = "cortex-m4") -> dict:
+              target: str = "cortex-m4", layer_variant: bool = False) -> dict:
     recipe, scalpel = _trained(f"{model_name}/{SCALPEL_RECIPE[target]}", quick, train)
     lanes = hardware_spec(target).lanes("int16")
     if recipe.group_width() != lanes:
         raise SystemExit(f"{recipe.name}: prunes groups of {recipe.group_width()}, {target} has {lanes} int16 lanes")
     _, traditional = _trained(f"{model_name}/magnitude", quick, train)
+    layer = _trained(f"{model_name}/mcu-layer", quick, train)[1] if layer_variant else None
     train_set, test_set = load_data(recipe)
     g = torch.Generator().manual_seed(0)
     calib = train_set.transform(train_set.images[torch.randperm(len(train_set), generator=g)[:CALIBRATION]])
@@ -174,10 +180,12 @@ def run_model(model_name: str, quick: QuickSettings | None, train: bool, images:
     rows = {}
     builds = {"dense": (dense_arch, Method.DENSE, None), "traditional": (traditional.model, Method.CSR, traditional),
               "scalpel": (scalpel.model, "measured", scalpel)}
+    if layer is not None:
+        builds["scalpel-layer"] = (layer.model, "measured", layer)
     for variant, (model, method, result) in builds.items():
         project, run, grid = _best_build(_relax(model, x_test), target, out / f"{target}-{model_name}-{variant}",
                                          calib.numpy(), method, board)
-        row = _measure(project, run, labels, xs, repeat=2 if variant == "scalpel" else 1)
+        row = _measure(project, run, labels, xs, repeat=2 if variant.startswith("scalpel") else 1)
         row["kernel_config"] = vars(project.config)
         row["decisions"] = list(project.decisions)
         row["instructions_by_config"] = grid
@@ -197,7 +205,8 @@ def run_model(model_name: str, quick: QuickSettings | None, train: bool, images:
     rows["dense"].pop("accuracy_int16")
     rows["dense"].pop("accuracy_fp32")
     return {"model": model_name, "dataset": recipe.data.name, "quick": None if quick is None else vars(quick),
-            "recipes": {"scalpel": scalpel.recipe, "traditional": traditional.recipe},
+            "recipes": {"scalpel": scalpel.recipe, "traditional": traditional.recipe,
+                        **({"scalpel-layer": layer.recipe} if layer else {})},
             "dense_fp32_accuracy": scalpel.dense_accuracy,
             "board": f"{target} (QEMU {micro.BOARDS[target].machine})", "target": target, "group_width": lanes,
             "variants": rows, "paper": {"scalpel_speedup": PAPER_MCU[model_name][0],
@@ -216,6 +225,11 @@ def markdown(results: list[dict]) -> str:
              "to the dense int16 build of the same flow on the same board (SMLAD on the M4, VMLADAVA on the M55). "
              "Accuracy: int16 model on the whole test set (numpy reference, bit-exact with the board). The "
              "paper's column is its Cortex-M4 result."]
+    if any("scalpel-layer" in r["variants"] for r in results):
+        lines += ["", "scalpel-layer: Scalpel's SIMD-aware groups, kernels and per-layer kernel choice, trained on "
+                  "traditional pruning's schedule (each layer's lowest-RMS pairs pruned to 50/70/80/90 %, recipe "
+                  "MODEL/mcu-layer) instead of the paper's global RMS threshold (scalpel): it differs from "
+                  "traditional only in structure."]
     for target in dict.fromkeys(_target(r) for r in results):
         rows = [r for r in results if _target(r) == target]
         lines += ["", f"## {rows[0]['board']}, SIMD groups of {rows[0].get('group_width', 2)}", "",
@@ -248,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-stages", type=int, default=2, help="quick recipes: pruning stages kept")
     ap.add_argument("--no-train", action="store_true", help="fail instead of training a missing recipe")
     ap.add_argument("--images", type=int, default=4, help="test images run on the board")
+    ap.add_argument("--layer-variant", action="store_true", help="also build MODEL/mcu-layer (SIMD groups on "
+                    "magnitude pruning's per-layer schedule) as 'scalpel-layer' (cortex-m4)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results, "
                     "or benchmarks/results/quick with --quick)")
     args = ap.parse_args(argv)
@@ -256,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     build_dir = RESULTS / "tmp" / "micro"
     quick = QuickSettings(args.epochs, args.subset, args.group_stages)
+    if args.layer_variant and args.board != "cortex-m4":
+        raise SystemExit(f"--layer-variant: the mcu-layer recipes prune pairs for the cortex-m4, not {args.board}")
     results = [run_model(m, quick if args.quick or m in args.quick_models else None, not args.no_train, args.images,
-                         build_dir, args.board) for m in args.models]
+                         build_dir, args.board, args.layer_variant) for m in args.models]
     out.mkdir(parents=True, exist_ok=True)
     # One file for every (model, board): a run replaces its entries and keeps the others (each entry has
     # its own provenance), so models trained on different schedules can be measured separately.

@@ -97,7 +97,8 @@ def _parser():
     c = add("train", "train the dense model (reference: recipe MODEL/dense, or --recipe KIND)",
             "scalpel train lenet-300-100 --quick", [common, user])
     c.add_argument("--recipe", default="dense", help="recipe kind: dense, cpu, gpu, mcu, magnitude, "
-                   "gpu-fine (GPU tile pruning; with --target cuda)")
+                   "gpu-fine (GPU tile pruning; with --target cuda), mcu-layer (SIMD groups on magnitude's "
+                   "per-layer schedule)")
     c = add("prune", "prune with the target's Scalpel recipe or traditional magnitude pruning; writes OUT/<model>-<method>.onnx",
             "scalpel prune lenet-300-100 --quick --method traditional", [common, user])
     c.add_argument("--method", choices=("scalpel", "traditional", "fine"), default="scalpel",
