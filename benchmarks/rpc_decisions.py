@@ -66,12 +66,12 @@ def main() -> int:
     p.add_argument("--port", type=int, default=9190)
     args = p.parse_args()
     spec, key = hardware_spec("host"), "scalpel-bench"
-    tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(args.port),
-                      "--port-end", str(args.port + 1)])
-    server = _start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--tracker", f"127.0.0.1:{args.port}",
-                     "--key", key])
-    rows, same = [], True
-    try:
+    rows, same, children = [], True, []
+    try:  # whatever has started is stopped, even if the next start or an interrupt fails in between
+        children.append(_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(args.port),
+                                "--port-end", str(args.port + 1)]))
+        children.append(_start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--tracker",
+                                f"127.0.0.1:{args.port}", "--key", key]))
         runner = _connect(args.port, key)
         for batch in args.batches:
             mod, recipe = _pruned_module(batch)
@@ -90,8 +90,8 @@ def main() -> int:
                                     for ld, rd, lp, rp in zip(plans["local"].layers, plans["rpc"].layers,
                                                               local.layers, remote.layers)]})
     finally:
-        stop_rpc_process(server)
-        stop_rpc_process(tracker)
+        for child in reversed(children):  # the server first, then its tracker
+            stop_rpc_process(child)
     result = {"model": "lenet-300-100", "sparsities": GRID, "same_decisions": same, "batches": rows,
               "provenance": provenance(spec.to_dict()["target"])}
     write_json(RESULTS / "rpc_decisions.json", result)
