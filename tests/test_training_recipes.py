@@ -154,9 +154,18 @@ def _tiny_recipe():
 def test_quick_cpu_recipe_on_synthetic_data():
     torch.set_num_threads(1)
     recipe = _tiny_recipe()
-    records = []
-    res = run_recipe(recipe, data=(_synthetic(1024, 0), _synthetic(256, 1)), on_epoch=records.append)
+    records, flushed = [], []
+    tiny = torch.tensor([1e-40])  # a denormal float32
+
+    def on_epoch(rec):
+        records.append(rec)
+        flushed.append(bool((tiny * 1.0 == 0).item()))
+
+    assert (tiny * 1.0 != 0).item()
+    res = run_recipe(recipe, data=(_synthetic(1024, 0), _synthetic(256, 1)), on_epoch=on_epoch)
     assert len(res.history) == recipe.total_epochs == 10 and records == list(res.history)
+    # denormals are flushed while training (a pruned net's slow path) and not after
+    assert flushed == [True] * 10 and (tiny * 1.0 != 0).item()
     assert res.dense_accuracy > 0.95 and res.final_accuracy > 0.9
     assert res.final_accuracy == res.masked_accuracy  # folding is exact
     plan = res.plan

@@ -11,6 +11,7 @@ comes back on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -279,7 +280,33 @@ def run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resu
     recipes' checkpoint folders; a fresh run whose leading dense stages one of them already trained
     (same model, seed, data and dense schedule: ``dense_prefix_key``) starts after them, exactly as if
     it had trained them itself (the LeNet-5 recipes share their 60 dense epochs).
+
+    Trains with denormal floats flushed to zero (``flush_denormals``).
     """
+    with flush_denormals():
+        return _run_recipe(recipe, checkpoint_dir=checkpoint_dir, resume=resume, data=data, on_epoch=on_epoch,
+                           device=device, share_from=share_from)
+
+
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Denormal floats flushed to zero (FTZ/DAZ) inside, off again after. A pruned net's activations and
+    gradients drift into the denormal range, where x86 arithmetic on them is many times slower: ConvNet's
+    mcu-layer recipe at 90 % zero pairs went from 30 s to 135 s an epoch on 2 cores, and a training step
+    of that model took 0.51 s with denormals, 0.12 s flushed. Only values below 1.2e-38 change."""
+    flushed = torch.set_flush_denormal(True)  # False where the CPU cannot flush: nothing changed then
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resume: bool = True,
+               data: tuple[ImageSet, ImageSet] | None = None,
+               on_epoch: Callable[[EpochRecord], None] | None = None,
+               device: str | torch.device = "cpu", share_from: str | Path | None = None) -> TrainResult:
+    """The body of ``run_recipe``."""
     t0 = time.perf_counter()
     device = torch.device(device)
     train, test = data if data is not None else load_data(recipe)
