@@ -226,10 +226,10 @@ def markdown(results: list[dict]) -> str:
              "Accuracy: int16 model on the whole test set (numpy reference, bit-exact with the board). The "
              "paper's column is its Cortex-M4 result."]
     if any("scalpel-layer" in r["variants"] for r in results):
-        lines += ["", "scalpel-layer: Scalpel's SIMD-aware groups, kernels and per-layer kernel choice, trained on "
-                  "traditional pruning's schedule (each layer's lowest-RMS pairs pruned to 50/70/80/90 %, recipe "
-                  "MODEL/mcu-layer) instead of the paper's global RMS threshold (scalpel): it differs from "
-                  "traditional only in structure."]
+        lines += ["", ("scalpel-layer: Scalpel's SIMD-aware groups, kernels and per-layer kernel choice, trained "
+                       "on traditional pruning's schedule (each layer's lowest-RMS pairs pruned to 50/70/80/90 %, "
+                       "recipe MODEL/mcu-layer) instead of the paper's global RMS threshold (scalpel): it differs "
+                       "from traditional only in structure.")]
     for target in dict.fromkeys(_target(r) for r in results):
         rows = [r for r in results if _target(r) == target]
         lines += ["", f"## {rows[0]['board']}, SIMD groups of {rows[0].get('group_width', 2)}", "",

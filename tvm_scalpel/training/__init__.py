@@ -21,16 +21,16 @@ from .errors import TrainingError
 from .loop import EpochRecord, TrainResult, evaluate, run_recipe, train_epoch
 from .mask import MaskRule, NodeMask, balance, hysteresis
 from .plan import LayerPlan, PackedMask, TrainingPlan
-from .pruner import (DropoutRescale, GroupConfig, GroupCriterion, LayerKind, MagnitudeConfig, MagnitudeCriterion, NodeConfig,
-                     PruneConfig, Pruner, TileConfig, input_keep_mask, prepare)
+from .pruner import (DropoutRescale, GroupConfig, GroupCriterion, LayerKind, MagnitudeConfig, MagnitudeCriterion,
+                     NodeConfig, PruneConfig, Pruner, TileConfig, input_keep_mask, prepare)
 from .recipes import (DataSpec, Optim, Recipe, Stage, StageKind, get_recipe, paper_recipe, quick,
                       recipe_names, scale_schedule)
 from .rules import (expand_groups, expand_tiles, magnitude_keep, magnitude_keep_std, simd_group_keep,
                     simd_group_keep_sparsity, tile_keep)
 
 __all__ = [
-    "DataSpec", "DropoutRescale", "EpochRecord", "GroupConfig", "GroupCriterion", "LayerKind", "LayerPlan", "MagnitudeConfig",
-    "MagnitudeCriterion", "MaskRule", "NodeConfig", "NodeMask", "Optim", "PackedMask", "PruneConfig",
+    "DataSpec", "DropoutRescale", "EpochRecord", "GroupConfig", "GroupCriterion", "LayerKind", "LayerPlan",
+    "MagnitudeConfig", "MagnitudeCriterion", "MaskRule", "NodeConfig", "NodeMask", "Optim", "PackedMask", "PruneConfig",
     "Pruner", "Recipe", "Stage", "StageKind", "TileConfig", "TrainResult", "TrainingError", "TrainingPlan",
     "balance", "evaluate", "expand_groups", "expand_tiles", "get_recipe", "hysteresis", "input_keep_mask",
     "magnitude_keep", "magnitude_keep_std", "paper_recipe", "prepare", "quick", "recipe_names", "run_recipe",

@@ -303,9 +303,9 @@ def flush_denormals() -> Iterator[None]:
 
 
 def _run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, resume: bool = True,
-               data: tuple[ImageSet, ImageSet] | None = None,
-               on_epoch: Callable[[EpochRecord], None] | None = None,
-               device: str | torch.device = "cpu", share_from: str | Path | None = None) -> TrainResult:
+                data: tuple[ImageSet, ImageSet] | None = None,
+                on_epoch: Callable[[EpochRecord], None] | None = None,
+                device: str | torch.device = "cpu", share_from: str | Path | None = None) -> TrainResult:
     """The body of ``run_recipe``."""
     t0 = time.perf_counter()
     device = torch.device(device)
