@@ -291,10 +291,39 @@ def test_fine_grain_gpu_pruning_prunes_and_compiles_for_cuda(scalpel, tmp_path):
 @pytest.mark.parametrize("argv, expected", [
     (("prune", "lenet-300-100", "--method", "fine"), "expected a CUDA target"),
     (("compile", "lenet-300-100", "--method", "fine", "--target", "cortex-m4"), "expected a CUDA target"),
+    (("prune", "lenet-300-100", "--method", "scalpel-layer"), "expected a microcontroller target"),
+    (("compile", "lenet-300-100", "--method", "scalpel-layer", "--target", "cuda"), "expected a microcontroller"),
+    (("compile", "lenet-300-100", "--method", "scalpel-layer", "--target", "cortex-m4"),
+     "run `scalpel prune lenet-300-100 --method scalpel-layer --target cortex-m4"),
 ])
-def test_fine_grain_pruning_needs_a_gpu_target(scalpel, tmp_path, argv, expected):
+def test_target_specific_methods_say_what_they_need(scalpel, tmp_path, argv, expected):
     rc, _, err = scalpel(*argv, "--out", tmp_path)
     assert rc == 2 and expected in err
+
+
+def test_python_file_scalpel_layer_prunes_each_layers_pairs_and_runs_on_the_m4(scalpel, tiny_net, tmp_path):
+    """--method scalpel-layer prunes --sparsity of every layer's pairs (w = 2 on the M4; each row's last
+    pair kept) and keeps them pruned through fine-tuning; its int16 build puts the group kernel on both
+    layers (compile checks QEMU's outputs bit-exact against the int16 reference when the tools are here)."""
+    out = tmp_path / "out"
+    rc, _, err = scalpel("prune", tiny_net, "--target", "cortex-m4", "--method", "scalpel-layer", "--sparsity",
+                         "0.75", "--epochs", "1", "--out", out)
+    assert rc == 0, err
+    pruned = torch.load(out / "tiny_net-scalpel-layer.pt")
+    for key, (rows, cols) in (("0.weight", (128, 64)), ("2.weight", (2, 128))):
+        pairs = pruned[key].reshape(rows, cols // 2, 2)
+        zero = (pairs == 0).all(-1)
+        assert not zero[:, -1].any()  # the last pair of every row is kept
+        assert zero.float().mean().item() == pytest.approx(0.75, abs=1 / zero.numel() + 1e-9), key
+    rc, stdout, err = scalpel("compile", tiny_net, "--target", "cortex-m4", "--method", "scalpel-layer",
+                              "--out", out)
+    assert rc == 0, err
+    plan = json.loads((out / "tiny_net-scalpel-layer-cortex-m4" / "plan.json").read_text())
+    assert [d["method"] for d in plan["layers"]] == ["group", "group"]
+    assert all(d["group_width"] == 2 for d in plan["layers"])
+    from tvm_scalpel.micro import missing_tools
+
+    assert ("bit-exact with the int16 reference" in stdout) == (not missing_tools())
 
 
 def test_progress_bars_follow_rounds_and_epochs():

@@ -12,6 +12,7 @@ examples:
   scalpel prune lenet-300-100 --target cortex-m4 --quick   # SIMD-aware pairs (w = 2, int16 SMLAD)
   scalpel compile lenet-300-100 --target cortex-m4 --quick # int16 C project + Makefile, run on QEMU
   scalpel compile lenet-300-100 --target cortex-m55 --quick # Helium: groups of 8, VMLADAVA (mps3-an547)
+  scalpel prune convnet --target cortex-m4 --method scalpel-layer  # pairs pruned to each layer's fraction
   scalpel prune vgg16 --target cuda --method fine --device cuda  # GPU tile pruning (Choi & Yang), on a GPU
   scalpel compile vgg16 --target cuda --method fine        # .so whose kernels skip the pruned 32x8 tiles
   scalpel bench lenet-300-100 --quick                  # time the pruned models already in --out
@@ -49,6 +50,14 @@ from .report import PAPER_CPU  # noqa: F401 (re-exported: the paper's numbers li
 logger = logging.getLogger("scalpel")
 
 METHODS = ("dense", "traditional", "scalpel")
+#: Pruning methods for one hardware class only: method -> (class, what it does, the targets it expects).
+CLASS_METHODS = {
+    "fine": ("gpu", "prunes whole weight tiles that a GPU kernel skips", "a CUDA target (--target cuda)"),
+    "scalpel-layer": ("mcu", "prunes SIMD groups to a fraction of each layer's groups for the DSP's int16 pairs "
+                      "(recipe MODEL/mcu-layer)", "a microcontroller target (--target cortex-m4 or cortex-m55)"),
+}
+#: The recipe kind each method trains (besides "scalpel": the target's hardware class).
+_METHOD_KINDS = {"traditional": "magnitude", "dense": "dense", "fine": "gpu-fine", "scalpel-layer": "mcu-layer"}
 
 
 def _quiet_pools_or_reexec(argv: list[str]) -> None:
@@ -101,14 +110,17 @@ def _parser():
                    "per-layer schedule)")
     c = add("prune", "prune with the target's Scalpel recipe or traditional magnitude pruning; writes OUT/<model>-<method>.onnx",
             "scalpel prune lenet-300-100 --quick --method traditional", [common, user])
-    c.add_argument("--method", choices=("scalpel", "traditional", "fine"), default="scalpel",
+    c.add_argument("--method", choices=("scalpel", "traditional", *CLASS_METHODS), default="scalpel",
                    help="scalpel: the target's recipe; traditional: magnitude pruning; fine: GPU-aware "
-                        "fine-grain (tile) pruning, with --target cuda")
+                        "fine-grain (tile) pruning, with --target cuda; scalpel-layer: SIMD groups pruned to "
+                        "--sparsity of each layer's groups (reference models: traditional pruning's schedule, "
+                        "recipe MODEL/mcu-layer), with a microcontroller target")
     c.add_argument("--sparsity", type=float, default=0.9, help="zero fraction to reach (Python-file models)")
     c = add("compile", "compile the pruned model for the target; writes the deployable artefact",
             "scalpel compile lenet-300-100 --quick -o lenet.so", [common])
-    c.add_argument("--method", choices=(*METHODS, "fine"), default="scalpel",
-                   help="fine: the tile-pruned model (prune --method fine), with --target cuda")
+    c.add_argument("--method", choices=(*METHODS, *CLASS_METHODS), default="scalpel",
+                   help="fine: the tile-pruned model (prune --method fine), with --target cuda; scalpel-layer: "
+                        "the model of prune --method scalpel-layer, with a microcontroller target")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("-o", "--output", default=None, help="artefact path (default OUT/<model>-<method>-b<batch>.so; "
                    "a folder OUT/<model>-<method>-<cpu> for a microcontroller)")
@@ -152,8 +164,7 @@ def _slug(recipe_name: str) -> str:
 
 
 def _recipe_name(model: str, method: str, spec, quick: bool) -> str:
-    kind = {"scalpel": spec.hardware_class.value, "traditional": "magnitude", "dense": "dense",
-            "fine": "gpu-fine"}.get(method, method)
+    kind = spec.hardware_class.value if method == "scalpel" else _METHOD_KINDS[method]
     return f"{model}/{kind}" + ("/quick" if quick else "")
 
 
@@ -171,7 +182,8 @@ def _recipe_result(args, name: str, train: bool):
     recipe = get_recipe(name, target=_target(args.target))  # first: says which models have recipes
     ckpt = Path(args.out) / "checkpoints" / _slug(name)
     if not train and not (ckpt / "final_state_dict.pt").is_file():
-        method = "traditional" if "/magnitude" in name else "scalpel"
+        kind = name.split("/")[1]
+        method = next((m for m, k in _METHOD_KINDS.items() if k == kind), "scalpel")
         target = "" if args.target == "host" else f" --target {args.target}"
         raise ScalpelError(f"{ckpt} has no finished recipe {name!r}; run `scalpel prune {args.model} --method "
                            f"{method}{target}{' --quick' if args.quick else ''} --out {args.out}` first "
@@ -666,10 +678,10 @@ def cmd_prune(args) -> int:
 
     from . import formats
     from .sources import export_onnx, resolve
-    from .training import GroupConfig, MagnitudeConfig, PruneConfig, prepare
+    from .training import GroupConfig, GroupCriterion, MagnitudeConfig, PruneConfig, prepare
 
     source, spec = resolve(args.model), _spec(args)
-    _check_fine(args, spec, source)
+    _check_method(args, spec, source)
     if source.kind == "onnx":
         raise _source_error(f"{args.model}: an ONNX model is taken as already pruned; `scalpel compile` or "
                             "`scalpel bench` it, or prune its PyTorch model (reference name or Python file)")
@@ -681,11 +693,14 @@ def cmd_prune(args) -> int:
         if not 0 < args.sparsity < 1:
             raise _source_error(f"--sparsity: expected a fraction in (0, 1), found {args.sparsity}")
         base = _user_model(args, source, "dense")
+        w = spec.lanes("int16" if spec.hardware_class.value == "mcu" else "float32")
         if args.method == "traditional":
             pruner = prepare(base, PruneConfig(magnitude=MagnitudeConfig()))
             pruner.prune_magnitude(args.sparsity)
+        elif args.method == "scalpel-layer":  # the lowest-RMS groups of each layer, --sparsity of them
+            pruner = prepare(base, PruneConfig(group=GroupConfig(width=w, criterion=GroupCriterion.LAYER_SPARSITY)))
+            pruner.prune_groups(args.sparsity)
         else:
-            w = spec.lanes("int16" if spec.hardware_class.value == "mcu" else "float32")
             pruner = prepare(base, PruneConfig(group=GroupConfig(width=w)))
             rms = np.concatenate([formats.group_rms(formats.flatten_per_filter(
                 layer.weight.detach().numpy()), w).ravel() for layer in pruner.layers.values()])
@@ -757,17 +772,18 @@ def _compile_micro(args, spec, source, variant, batch: int, test) -> Path:
     return path
 
 
-def _check_fine(args, spec, source) -> None:
-    """--method fine is GPU tile pruning: a CUDA target and a reference model with a gpu-fine recipe."""
+def _check_method(args, spec, source) -> None:
+    """A method of CLASS_METHODS needs its hardware class; --method fine also a reference model (it
+    trains the gpu-fine recipes)."""
     from .errors import TargetError
-    from .target import HardwareClass
 
-    if args.method != "fine":
+    if args.method not in CLASS_METHODS:
         return
-    if spec.hardware_class is not HardwareClass.GPU:
-        raise TargetError(f"--method fine prunes whole weight tiles that a GPU kernel skips; expected a CUDA "
-                          f"target (--target cuda), found {spec.hardware_class.value} ({spec.cpu})")
-    if source.kind != "reference":
+    hw_class, what, expected = CLASS_METHODS[args.method]
+    if spec.hardware_class.value != hw_class:
+        raise TargetError(f"--method {args.method} {what}; expected {expected}, found "
+                          f"{spec.hardware_class.value} ({spec.cpu})")
+    if args.method == "fine" and source.kind != "reference":
         raise _source_error(f"--method fine trains the reference models' gpu-fine recipes; {args.model} is a "
                             f"{source.kind} model (use --method scalpel or traditional)")
 
@@ -777,7 +793,7 @@ def cmd_compile(args) -> int:
     from .target import HardwareClass
 
     source, spec = resolve(args.model), _spec(args)
-    _check_fine(args, spec, source)
+    _check_method(args, spec, source)
     compilers = {HardwareClass.CPU: _compile_shared_library, HardwareClass.GPU: _compile_shared_library,
                  HardwareClass.MCU: _compile_micro}
     compile_fn = compilers[spec.hardware_class]
