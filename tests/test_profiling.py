@@ -189,3 +189,48 @@ def test_child_runner_interrupted_while_starting_stops_its_child(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         profiling.ChildRunner()
     assert started[0].poll() is not None
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (a container's PID 1 may never reap them)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+def test_timing_child_ends_when_its_parent_is_killed(tmp_path):
+    """A parent killed outright (SIGKILL: no close(), no finally) must not leave the timing child, a TVM
+    rpc_server and its PopenWorker in a session of their own, running forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text("import time\nfrom tvm_scalpel.profiling import ChildRunner\n"
+                      "r = ChildRunner()\nprint(r._server.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pgid = int(parent.stdout.readline())  # the server leads its own group
+        assert _live_members(pgid), "the timing child is not running"
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while _live_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _live_members(pgid), f"orphans of the killed parent still run: {_live_members(pgid)}"
+
+
+def test_parent_guard_says_how_to_call_it():
+    from tvm_scalpel import parent_guard
+
+    with pytest.raises(SystemExit, match="PARENT_PID MODULE"):
+        parent_guard.main(["tvm.exec.rpc_server"])

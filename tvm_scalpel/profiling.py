@@ -166,8 +166,10 @@ class RPCRunner:
 
 def start_rpc_process(args: Sequence[str], **popen_kw) -> subprocess.Popen:
     """``python -m ARGS`` (TVM's rpc_server or rpc_tracker) in a process group of its own, so that
-    ``stop_rpc_process`` can stop it with everything it starts."""
-    return subprocess.Popen([sys.executable, "-m", *args], start_new_session=True, **popen_kw)
+    ``stop_rpc_process`` can stop it with everything it starts; the group also ends itself if this
+    process dies without stopping it (``tvm_scalpel.parent_guard``)."""
+    return subprocess.Popen([sys.executable, "-m", "tvm_scalpel.parent_guard", str(os.getpid()), *args],
+                            start_new_session=True, **popen_kw)
 
 
 def stop_rpc_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
