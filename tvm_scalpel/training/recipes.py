@@ -253,13 +253,6 @@ def _node_stages(model: str) -> tuple[Stage, ...]:
     raise TrainingError(f"no node schedule for {model!r}")
 
 
-#: Node recipes (GPU) only, after the released retrain; ours, not released. LeNet-5's node-pruned net
-#: ended the released retrain (lr 1e-3) at 98.98 % (dense 99.24 %); the CPU recipe's first SIMD-aware
-#: stage, which retrains the same net at the SIMD schedule (lr 0.01), had it at 99.10 % while pruning
-#: groups: this is that retraining without the groups.
-_EXTRA_RETRAIN = {"lenet-5": (Stage(StageKind.RETRAIN, 60, _SIMD_OPT),)}
-
-
 def _dense_stages(model: str) -> tuple[Stage, ...]:
     if model == "convnet":
         # assumed: cifar10_full's momentum/decay, a higher lr with steps for Fashion-MNIST
@@ -352,8 +345,7 @@ def paper_recipe(model: str, hardware: HardwareClass | str, target: TargetLike |
         stages = dense + _group_stages(model)
         return Recipe(f"{model}/mcu", model, data, stages, hw, target, dtype)
     if hw is HardwareClass.GPU:
-        stages = dense + _node_stages(model) + _EXTRA_RETRAIN.get(model, ())
-        return Recipe(f"{model}/gpu", model, data, stages, hw, target, dtype, node=node)
+        return Recipe(f"{model}/gpu", model, data, dense + _node_stages(model), hw, target, dtype, node=node)
     # CPU: node everywhere, then SIMD-aware groups on the FC layers.
     stages = dense + _node_stages(model) + _group_stages(model, _CPU_SIMD_THRESHOLDS.get(model))
     return Recipe(f"{model}/cpu", model, data, stages, hw, target, dtype,
