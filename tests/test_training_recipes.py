@@ -207,6 +207,16 @@ def test_checkpoint_resume_is_exact(tmp_path):
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     assert (tmp_path / "plan.json").is_file()
+    # Read back once finished (a parked run): its files stay as trained; a missing one is written again.
+    (tmp_path / "plan.json").write_text("as trained")
+    final_bytes = (tmp_path / "final_state_dict.pt").read_bytes()
+    again = run_recipe(recipe, data=sets, checkpoint_dir=tmp_path)
+    assert (tmp_path / "plan.json").read_text() == "as trained"
+    assert (tmp_path / "final_state_dict.pt").read_bytes() == final_bytes
+    assert again.plan.to_json() == resumed.plan.to_json()
+    (tmp_path / "plan.json").unlink()
+    run_recipe(recipe, data=sets, checkpoint_dir=tmp_path)
+    assert (tmp_path / "plan.json").read_text() == resumed.plan.to_json(indent=1)
     other = replace(recipe, seed=1)
     with pytest.raises(TrainingError, match="different recipe"):
         run_recipe(other, data=sets, checkpoint_dir=tmp_path)

@@ -362,6 +362,7 @@ def _run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, res
             logger.info("%s: stages 1-%d shared with %s (same dense schedule, data and seed)", recipe.name,
                         start_stage, shared[1].parent.parent)
 
+    was_finished = start_stage == len(recipe.stages)
     for si in range(start_stage, len(recipe.stages)):
         stage = recipe.stages[si]
         if stage.kind is not StageKind.DENSE and pruner is None:
@@ -438,8 +439,11 @@ def _run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, res
     logger.info("[%s] done: dense %s, pruned %.2f%% (masked %.2f%%), size %.2f%% of dense, %.0fs",
                 recipe.name, "-" if dense_acc is None else f"{100 * dense_acc:.2f}%", 100 * final_acc,
                 100 * masked_acc, 100 * plan.size_ratio, wall)
-    if checkpoint_dir is not None:
-        out = Path(checkpoint_dir)
+    out = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    # A finished run read back (a parked checkpoint) keeps the files it was trained with: rewriting them
+    # would stamp this host's hardware into the plan and dirty a committed checkout.
+    if out is not None and not (was_finished and (out / "final_state_dict.pt").is_file()
+                                and (out / "plan.json").is_file()):
         (out / "plan.json").write_text(plan.to_json(indent=1))
         torch.save(final.state_dict(), out / "final_state_dict.pt")
     return TrainResult(recipe=recipe.name, dense_accuracy=dense_acc, final_accuracy=final_acc,
