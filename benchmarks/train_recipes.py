@@ -188,7 +188,8 @@ def node_bars(model: str, plan: TrainingPlan) -> dict:
 def node_phase(recipe: Recipe, history: list[dict], dense_accuracy: float | None, stages_dir: Path) -> dict | None:
     """Where a CPU recipe's node phase ends (its last retrain stage, before the group stages): the GPU
     recipe's stages, trained as the first part of this one. None until that stage has ended."""
-    retrain = [i for i, s in enumerate(recipe.stages) if s.kind is StageKind.RETRAIN]
+    groups = next((i for i, s in enumerate(recipe.stages) if s.kind is StageKind.GROUP), len(recipe.stages))
+    retrain = [i for i, s in enumerate(recipe.stages[:groups]) if s.kind is StageKind.RETRAIN]
     if not retrain:
         return None
     last = retrain[-1]

@@ -1,10 +1,13 @@
 """benchmarks/train_recipes.py --park: a recipe's checkpoint is committed and a new checkout continues it."""
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+
+from tvm_scalpel.training.recipes import Stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_recipes
@@ -51,5 +54,9 @@ def test_node_phase_reports_where_a_cpu_recipes_node_stages_ended(tmp_path, monk
     assert report["weight_density"] == own.weight_density != res.plan.weight_density
     assert report["bars"]["hidden_nodes_kept"] == pytest.approx(
         sum(len(lp.kept_nodes) for lp in own.layers[:-1]) / sum(lp.num_nodes for lp in own.layers[:-1]))
+    # a retrain after the group stages (ConvNet's final one) is not the node phase's
+    final = Stage(train_recipes.StageKind.RETRAIN, 1, recipe.stages[-1].optim)
+    extended = replace(recipe, stages=(*recipe.stages, final))
+    assert train_recipes.node_phase(extended, history, res.dense_accuracy, stages) == report
     unfinished = [h for h in history if h["stage"] < retrain]
     assert train_recipes.node_phase(recipe, unfinished, res.dense_accuracy, stages) is None

@@ -55,12 +55,6 @@ def test_mcu_layer_recipe_is_magnitudes_schedule_in_simd_groups():
     layer, mag = get_recipe("convnet/mcu-layer"), get_recipe("convnet/magnitude")
     assert _values(layer, StageKind.GROUP) == _values(mag, StageKind.MAGNITUDE) == [0.5, 0.7, 0.8, 0.9]
     assert [(s.epochs, s.optim) for s in layer.stages] == [(s.epochs, s.optim) for s in mag.stages]
-    # ConvNet's two recipes end with a retrain at a tenth of the weight decay; the LeNets' with a stage
-    for r in (layer, mag):
-        assert r.stages[-1].kind is StageKind.RETRAIN
-        assert r.stages[-1].optim.weight_decay == r.stages[0].optim.weight_decay / 10
-    assert get_recipe("lenet-5/mcu-layer").stages[-1].kind is StageKind.GROUP
-    assert get_recipe("lenet-5/magnitude").stages[-1].kind is StageKind.MAGNITUDE
     assert layer.group_width() == hardware_spec("cortex-m4").lanes("int16") == 2
     cfg = layer.prune_config().group
     assert cfg.criterion is GroupCriterion.LAYER_SPARSITY and cfg.width == 2
@@ -68,8 +62,23 @@ def test_mcu_layer_recipe_is_magnitudes_schedule_in_simd_groups():
     # the criterion is part of the fingerprint, and recipes made before it existed kept theirs
     assert recipe_fingerprint(layer) != recipe_fingerprint(replace(layer, group_criterion=GroupCriterion.THRESHOLD))
     assert recipe_fingerprint(get_recipe("convnet/mcu")) == "842441b4417e5ac8"  # the parked checkpoint's
-    # the parked magnitude run before the retrain was added is this recipe's first stages
-    assert recipe_fingerprint(replace(mag, stages=mag.stages[:-1])) == "85181b58dfcd8821"
+
+
+def test_convnets_pruned_nets_end_with_a_retrain_at_a_tenth_of_the_weight_decay():
+    """ConvNet's magnitude, mcu-layer and cpu recipes end with it; the parked runs made before it are their
+    first stages (so they continue); the LeNets' and ConvNet's paper-threshold MCU recipe end as before."""
+    parked_before = {"convnet/magnitude": "85181b58dfcd8821", "convnet/cpu": "677fd9f78356e670"}
+    for name in ("convnet/magnitude", "convnet/mcu-layer", "convnet/cpu"):
+        r = get_recipe(name)
+        assert r.stages[-1].kind is StageKind.RETRAIN and r.stages[-1].epochs == 20, name
+        assert r.stages[-1].optim.weight_decay == r.stages[0].optim.weight_decay / 10, name
+        assert r.stage_batch_size(r.stages[-1]) == r.stage_batch_size(r.stages[0]) == 64, name
+        if name in parked_before:
+            assert recipe_fingerprint(replace(r, stages=r.stages[:-1])) == parked_before[name]
+    assert get_recipe("convnet/mcu").stages[-1].kind is StageKind.GROUP
+    assert get_recipe("lenet-5/mcu-layer").stages[-1].kind is StageKind.GROUP
+    assert get_recipe("lenet-5/magnitude").stages[-1].kind is StageKind.MAGNITUDE
+    assert get_recipe("lenet-5/cpu").stages[-1].kind is StageKind.GROUP
 
 
 def test_node_schedules_follow_the_released_scripts():
@@ -88,7 +97,8 @@ def test_node_schedules_follow_the_released_scripts():
     # (ConvNet's at cifar10_full's Caffe batch of 100)
     for name, node_batch in (("lenet-5/gpu", 128), ("lenet-5/cpu", 128), ("convnet/gpu", 100), ("convnet/cpu", 100)):
         r = get_recipe(name)
-        batches = {kind: {r.stage_batch_size(s) for s in r.stages if s.kind is kind} for kind in StageKind}
+        stages = r.stages[:-1] if name == "convnet/cpu" else r.stages  # its final retrain: at 64, below
+        batches = {kind: {r.stage_batch_size(s) for s in stages if s.kind is kind} for kind in StageKind}
         assert batches[StageKind.NODE] | batches[StageKind.RETRAIN] == {node_batch}, name
         assert batches[StageKind.DENSE] | batches[StageKind.GROUP] == {64}, name
     (conv_retrain,) = [s for s in get_recipe("convnet/gpu").stages if s.kind is StageKind.RETRAIN]
