@@ -49,8 +49,10 @@ sys.path.insert(0, str(ROOT))
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 
 from tvm_scalpel import bench, micro  # noqa: E402
+from tvm_scalpel.micro import measure  # noqa: E402
 from tvm_scalpel.micro import Method  # noqa: E402
 from tvm_scalpel.models import build_model  # noqa: E402
+from tvm_scalpel.report import PAPER_MCU, PAPER_TRADITIONAL_MCU_MEAN  # noqa: E402
 from tvm_scalpel.target import hardware_spec  # noqa: E402
 from tvm_scalpel.training import run_recipe  # noqa: E402
 from tvm_scalpel.training.loop import load_data, recipe_fingerprint  # noqa: E402
@@ -59,10 +61,6 @@ from train_recipes import resolve, unpark  # noqa: E402  (same folder)
 
 RESULTS = ROOT / "benchmarks" / "results"
 CHECKPOINTS = RESULTS / "tmp" / "training"
-# Yu et al., ISCA 2017, MCU (Cortex-M4): Scalpel speedup and relative size; traditional pruning's MCU mean.
-PAPER_MCU = {"lenet-300-100": (9.17, 6.93), "lenet-5": (3.51, 6.72), "convnet": (1.38, 40.95)}
-PAPER_TRADITIONAL_MEAN = 1.90
-CALIBRATION = 512
 # The SIMD-aware recipe per board: the MCU schedule at the board's int16 lanes. The M55's w = 8 is the
 # simd-w8 schedule's (checked in run_model), so its checkpoints are shared with the issue-3 run.
 SCALPEL_RECIPE = {"cortex-m4": "mcu", "cortex-m55": "simd-w8"}
@@ -125,42 +123,6 @@ def _accuracy_fp32(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray) 
         return float((model.eval()(x).argmax(1).numpy() == labels).mean())
 
 
-def _best_build(mod, target: str, out: Path, calib: np.ndarray, method: Method | str,
-                board: np.ndarray) -> tuple[micro.Project, micro.RunResult, dict]:
-    """Build the variant under every KernelConfig of micro.GRID and keep the fewest instructions: gcc's
-    code shape swings counts by up to 25 %, and every variant (the dense baseline too) gets its best."""
-    counts, best = {}, None
-    for cfg in micro.GRID:
-        tag = f"u{cfg.unroll}-{cfg.saturate}"
-        project = micro.build(mod, target, out / tag, calib, methods=method, inputs=board, config=cfg)
-        run = micro.build_and_run(project)
-        counts[tag] = run.instructions[0]
-        if best is None or run.instructions[0] < best[1].instructions[0]:
-            best = (project, run)
-    return *best, counts
-
-
-def _measure(project: micro.Project, first: micro.RunResult, labels: np.ndarray, xs_test: np.ndarray,
-             repeat: int = 1) -> dict:
-    """Checks and figures of the chosen build; ``first`` is its grid run, ``repeat`` - 1 more runs show the
-    count is deterministic."""
-    runs = [first] + [micro.build_and_run(project) for _ in range(repeat - 1)]
-    ref = project.model.run(project.inputs)
-    if not np.array_equal(runs[0].outputs, ref):
-        raise SystemExit(f"{project.path}: the board's outputs differ from the numpy int16 reference")
-    counts = [r.instructions for r in runs]
-    if len({c for run in counts for c in run}) != 1:
-        raise SystemExit(f"{project.path}: instruction counts differ between inputs or runs: {counts}")
-    pred = np.concatenate([project.model.run(project.model.quantize_input(xs_test[i:i + 250])).argmax(1)
-                           for i in range(0, len(xs_test), 250)])  # chunks: im2col of 10k images is GBs
-    weights = {k: sum(v[p] for p in ("values", "indices", "row_pointers")) for k, v in project.weight_bytes.items()}
-    return {"instructions": counts[0][0], "runs": len(runs), "board_images": len(project.inputs),
-            "bit_exact": True, "flash_bytes": runs[0].flash_bytes, "ram_bytes": runs[0].ram_bytes,
-            "fits_board": runs[0].flash_bytes + runs[0].ram_bytes <= project.board.memory_bytes,
-            "weight_bytes": sum(weights.values()), "weight_bytes_by_layer": weights,
-            "accuracy_int16": float((pred == labels).mean()), "layers": list(project.methods)}
-
-
 def run_model(model_name: str, quick: QuickSettings | None, train: bool, images: int, out: Path,
               target: str = "cortex-m4", layer_variant: bool = False) -> dict:
     recipe, scalpel = _trained(f"{model_name}/{SCALPEL_RECIPE[target]}", quick, train)
@@ -170,40 +132,34 @@ def run_model(model_name: str, quick: QuickSettings | None, train: bool, images:
     _, traditional = _trained(f"{model_name}/magnitude", quick, train)
     layer = _trained(f"{model_name}/mcu-layer", quick, train)[1] if layer_variant else None
     train_set, test_set = load_data(recipe)
-    g = torch.Generator().manual_seed(0)
-    calib = train_set.transform(train_set.images[torch.randperm(len(train_set), generator=g)[:CALIBRATION]])
+    calib = measure.calibration_images(train_set)
     x_test = test_set.transform(test_set.images)
     labels = test_set.labels.numpy()
     xs, board = x_test.numpy(), x_test[:images].numpy()
     dense_arch = build_model(model_name)
 
-    rows = {}
-    builds = {"dense": (dense_arch, Method.DENSE, None), "traditional": (traditional.model, Method.CSR, traditional),
-              "scalpel": (scalpel.model, "measured", scalpel)}
+    builds = [measure.Variant("dense", _relax(dense_arch, x_test), Method.DENSE, evaluate=False),
+              measure.Variant("traditional", _relax(traditional.model, x_test), Method.CSR),
+              measure.Variant("scalpel", _relax(scalpel.model, x_test), "measured", repeat=2)]
+    trained = {"traditional": traditional, "scalpel": scalpel}
     if layer is not None:
-        builds["scalpel-layer"] = (layer.model, "measured", layer)
-    for variant, (model, method, result) in builds.items():
-        project, run, grid = _best_build(_relax(model, x_test), target, out / f"{target}-{model_name}-{variant}",
-                                         calib.numpy(), method, board)
-        row = _measure(project, run, labels, xs, repeat=2 if variant.startswith("scalpel") else 1)
-        row["kernel_config"] = vars(project.config)
-        row["decisions"] = list(project.decisions)
-        row["instructions_by_config"] = grid
-        row["accuracy_fp32"] = _accuracy_fp32(model, x_test, labels)
+        builds.append(measure.Variant("scalpel-layer", _relax(layer.model, x_test), "measured", repeat=2))
+        trained["scalpel-layer"] = layer
+
+    def finish(variant: str, row: dict) -> None:
+        result = trained.get(variant)
         row["recipe"] = None if result is None else result.recipe
         row["recipe_fingerprint"] = None if result is None else result.fingerprint
-        rows[variant] = row
-        logger.info("%s %s: %d instructions, flash %d B, RAM %d B, int16 %.2f %% (fp32 %.2f %%)", model_name,
-                    variant, row["instructions"], row["flash_bytes"], row["ram_bytes"],
-                    100 * row["accuracy_int16"], 100 * row["accuracy_fp32"])
-    dense = rows["dense"]
-    for row in rows.values():
-        row["speedup"] = dense["instructions"] / row["instructions"]
-        row["size_percent"] = 100 * row["weight_bytes"] / dense["weight_bytes"]
+        logger.info("%s %s: %d instructions, flash %d B, RAM %d B", model_name, variant, row["instructions"],
+                    row["flash_bytes"], row["ram_bytes"])
+        if result is not None:
+            row["accuracy_fp32"] = _accuracy_fp32(result.model, x_test, labels)
+            logger.info("  int16 %.2f %% (fp32 %.2f %%)", 100 * row["accuracy_int16"], 100 * row["accuracy_fp32"])
+
+    rows = measure.measure_all(builds, target, out / f"{target}-{model_name}", calib, board,
+                               (xs, labels), on_variant=finish)
     rows["dense"]["note"] = ("the dense architecture; instruction counts do not depend on weight values, and "
                              "its accuracy is that of untrained weights, not reported")
-    rows["dense"].pop("accuracy_int16")
-    rows["dense"].pop("accuracy_fp32")
     return {"model": model_name, "dataset": recipe.data.name, "quick": None if quick is None else vars(quick),
             "recipes": {"scalpel": scalpel.recipe, "traditional": traditional.recipe,
                         **({"scalpel-layer": layer.recipe} if layer else {})},
@@ -211,7 +167,7 @@ def run_model(model_name: str, quick: QuickSettings | None, train: bool, images:
             "board": f"{target} (QEMU {micro.BOARDS[target].machine})", "target": target, "group_width": lanes,
             "variants": rows, "paper": {"scalpel_speedup": PAPER_MCU[model_name][0],
                                         "scalpel_size_percent": PAPER_MCU[model_name][1],
-                                        "traditional_mean_speedup": PAPER_TRADITIONAL_MEAN}}
+                                        "traditional_mean_speedup": PAPER_TRADITIONAL_MCU_MEAN}}
 
 
 def _target(r: dict) -> str:

@@ -11,6 +11,7 @@ examples:
   scalpel compile pruned.onnx --method traditional     # from an ONNX file's weights alone
   scalpel prune lenet-300-100 --target cortex-m4 --quick   # SIMD-aware pairs (w = 2, int16 SMLAD)
   scalpel compile lenet-300-100 --target cortex-m4 --quick # int16 C project + Makefile, run on QEMU
+  scalpel run lenet-300-100 --target cortex-m4 --quick     # every variant int16 on QEMU: instructions, size
   scalpel compile lenet-300-100 --target cortex-m55 --quick # Helium: groups of 8, VMLADAVA (mps3-an547)
   scalpel prune convnet --target cortex-m4 --method scalpel-layer  # pairs pruned to each layer's fraction
   scalpel prune vgg16 --target cuda --method fine --device cuda  # GPU tile pruning (Choi & Yang), on a GPU
@@ -27,7 +28,10 @@ The three compiled variants: "dense" (our scheduled dense kernels, the baseline 
 "traditional" (unstructured magnitude pruning, CSR kernels: an index per weight), "scalpel" (node
 pruning + SIMD-aware groups where the hardware profile says they pay). ``run`` = train/resume both
 pruning recipes, profile, decide, compile, verify against PyTorch, time every variant interleaved in
-one process (plus PyTorch eager dense and pruned), and write report.md / report.json / PNG plots.
+one process (plus PyTorch eager dense and pruned), and write report.md / report.json / PNG plots. On a
+microcontroller target (cortex-m4, cortex-m55) ``run``/``bench`` count instructions per inference of
+int16 builds on QEMU instead (Scalpel's layers each measured there, dense or groups), plus a
+"scalpel-layer" column (SIMD groups on the per-layer schedule, recipe MODEL/mcu-layer).
 Checkpoints in OUT/checkpoints/<recipe slug> are resumed (benchmarks/train_recipes.py writes the same
 layout). Seeds: --seed sets the recipes' seed, the data order and the timing order.
 """
@@ -83,11 +87,14 @@ def _parser():
     common.add_argument("--out", default="scalpel-out", help="folder for checkpoints, profiles, artefacts, reports")
     common.add_argument("--seed", type=int, default=0, help="recipe seed, data order and timing order")
     timing = argparse.ArgumentParser(add_help=False)
-    timing.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    timing.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    timing.add_argument("--batches", type=int, nargs="+", default=None, help="CPU: batch sizes (default 1 16)")
+    timing.add_argument("--rounds", type=int, default=None, help="CPU: interleaved timing rounds (default 15)")
     timing.add_argument("--rpc", default=None, metavar="HOST:PORT:KEY",
                         help="profile kernels on the device registered under KEY with the TVM RPC tracker at "
                              "HOST:PORT (python -m tvm.exec.rpc_tracker / rpc_server); default: this machine")
+    calib = argparse.ArgumentParser(add_help=False)
+    calib.add_argument("--calibration", default=None, help="microcontrollers: float32 .npy inputs for the int16 "
+                       "scales (default: 512 random training images of the model's data)")
     user = argparse.ArgumentParser(add_help=False)
     user.add_argument("--epochs", type=int, default=2, help="epochs for a Python-file model (recipes set their own)")
     user.add_argument("--lr", type=float, default=0.01, help="SGD learning rate for a Python-file model")
@@ -99,8 +106,10 @@ def _parser():
         return sub.add_parser(name, help=helptext, description=f"{helptext}\n\nexample:\n  {example}",
                               parents=parents, formatter_class=fmt)
 
-    add("run", "train/resume, prune (traditional and Scalpel), profile, compile, verify, time, report",
-        "scalpel run lenet-300-100 --target host --quick", [common, timing])
+    add("run", "train/resume, prune (traditional and Scalpel), profile, compile, verify, time, report "
+        "(a microcontroller target: instructions per inference on QEMU instead of time)",
+        "scalpel run lenet-300-100 --target host --quick\n  scalpel run lenet-300-100 --target cortex-m4 --quick",
+        [common, timing, calib])
     add("profile", "dense vs group-sparse crossover for the model's layer shapes on the target",
         "scalpel profile lenet-300-100 --target host", [common, timing])
     c = add("train", "train the dense model (reference: recipe MODEL/dense, or --recipe KIND)",
@@ -117,17 +126,16 @@ def _parser():
                         "recipe MODEL/mcu-layer), with a microcontroller target")
     c.add_argument("--sparsity", type=float, default=0.9, help="zero fraction to reach (Python-file models)")
     c = add("compile", "compile the pruned model for the target; writes the deployable artefact",
-            "scalpel compile lenet-300-100 --quick -o lenet.so", [common])
+            "scalpel compile lenet-300-100 --quick -o lenet.so", [common, calib])
     c.add_argument("--method", choices=(*METHODS, *CLASS_METHODS), default="scalpel",
                    help="fine: the tile-pruned model (prune --method fine), with --target cuda; scalpel-layer: "
                         "the model of prune --method scalpel-layer, with a microcontroller target")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("-o", "--output", default=None, help="artefact path (default OUT/<model>-<method>-b<batch>.so; "
                    "a folder OUT/<model>-<method>-<cpu> for a microcontroller)")
-    c.add_argument("--calibration", default=None, help="microcontrollers: float32 .npy inputs for the int16 scales "
-                   "(default: 512 images of the model's data)")
-    add("bench", "time dense / traditional / Scalpel compiled and PyTorch eager, interleaved; write the report",
-        "scalpel bench lenet-300-100 --quick --batches 1 16", [common, timing])
+    add("bench", "time dense / traditional / Scalpel compiled and PyTorch eager, interleaved; write the report "
+        "(a microcontroller target: count instructions on QEMU)",
+        "scalpel bench lenet-300-100 --quick --batches 1 16", [common, timing, calib])
     c = sub.add_parser("report", help="re-render report.md and the PNG plots from report.json files",
                        description="re-render report.md and the PNG plots from report.json files\n\n"
                                    "example:\n  scalpel report scalpel-out lenet5-out --to results/", formatter_class=fmt)
@@ -283,7 +291,8 @@ def _variants(args, spec, source, methods, train: bool):
                 torch.manual_seed(args.seed)
                 acc = next((r.dense_accuracy for _, r in results.values() if r.dense_accuracy), None)
                 variants["dense"] = wrap("dense", source.torch_model(), acc, trained=False,
-                                         origin="untrained weights (timing); accuracy of the recipe's dense stage")
+                                         origin="untrained weights (time and instruction counts do not depend "
+                                                "on them); accuracy of the recipe's dense stage")
     dense_bytes = int(sum(np.prod(p.weight.shape) * 4 for p in source.torch_model().modules()
                           if isinstance(p, (torch.nn.Linear, torch.nn.Conv2d))))
     return {m: variants[m] for m in methods}, test, shape, dense_bytes
@@ -592,7 +601,7 @@ def cmd_profile(args) -> int:
     shape = None if source.kind == "onnx" else (
         tuple(source.torch_model().input_shape) if source.kind == "reference"
         else tuple(next(iter(source.data()[1].batches(1)))[0].shape[1:]))
-    for batch in args.batches:
+    for batch in args.batches or [1, 16]:
         prof = _profile(args, spec, source.relax(batch, input_shape=shape))
         for lp in prof.layers:
             print(f"{source.name} batch {batch} {lp.shape.key or lp.shape}: dense {lp.dense_us:.1f} us, "
@@ -602,11 +611,16 @@ def cmd_profile(args) -> int:
 
 def _measure_and_report(args, train: bool) -> int:
     from .sources import resolve
+    from .target import HardwareClass
 
     source, spec = resolve(args.model), _spec(args)
-    _require_cpu(spec, args.cmd)
-    variants, test, shape, dense_bytes = _variants(args, spec, source, METHODS, train)
-    report = _measure(args, spec, source, variants, test, shape, dense_bytes)
+    if spec.hardware_class is HardwareClass.MCU:
+        report = _measure_micro(args, spec, source, train)
+    else:
+        _require_cpu(spec, args.cmd)
+        args.batches, args.rounds = args.batches or [1, 16], args.rounds or 15
+        variants, test, shape, dense_bytes = _variants(args, spec, source, METHODS, train)
+        report = _measure(args, spec, source, variants, test, shape, dense_bytes)
     print(_write_report(Path(args.out), [report]))
     return 0
 
@@ -615,8 +629,123 @@ def _require_cpu(spec, cmd: str) -> None:
     from .errors import TargetError
 
     if spec.hardware_class.value != "cpu":
-        raise TargetError(f"scalpel {cmd}: timing runs on the host CPU only here, found a "
-                          f"{spec.hardware_class.value} target ({spec.cpu}); use `scalpel compile` for it")
+        raise TargetError(f"scalpel {cmd}: measures on the host CPU or an emulated microcontroller (--target "
+                          f"cortex-m4, cortex-m55), found a {spec.hardware_class.value} target ({spec.cpu}); use "
+                          "`scalpel compile` for it (benchmarks/gpu.py times CUDA builds on a GPU)")
+
+
+# ------------------------------------------------------------------------------------ microcontrollers
+def _calibration(args, spec, source):
+    """Float32 inputs [N, *input shape] that choose an int16 build's fixed-point scales: --calibration,
+    else 512 random training images of the model's data (seed 0, as benchmarks/micro.py)."""
+    import numpy as np
+
+    from .errors import PlanError
+    from .micro.measure import calibration_images
+    from .training import get_recipe
+    from .training.loop import load_data
+
+    if args.calibration:
+        return np.load(args.calibration).astype("float32")
+    if source.kind == "onnx":
+        raise PlanError(f"{args.model}: int16 scales need calibration inputs and an ONNX model brings no data; "
+                        "pass --calibration FILE.npy (float32 [N, *input shape])")
+    if source.kind == "python":
+        train = source.data()[0]
+    else:
+        train = load_data(get_recipe(_recipe_name(source.name, "dense", spec, args.quick)))[0]
+    return calibration_images(train)
+
+
+#: Test images compiled into each QEMU build and checked bit for bit against the int16 reference.
+_BOARD_IMAGES = 4
+#: The kernel of every layer for the variants that do not measure it (Scalpel's variants: each layer
+#: built alone dense and group-sparse on the board, the fewer instructions kept).
+_MCU_KERNELS = {"dense": "dense", "traditional": "csr"}
+
+
+def _has_layer_variant(args, spec, source, train: bool) -> bool:
+    """Whether `run`/`bench` on a microcontroller add the scalpel-layer column: `run` on a reference model
+    with an mcu-layer recipe (trained if needed), `bench` where that recipe has finished in OUT, or a
+    Python-file model that `scalpel prune --method scalpel-layer` has pruned."""
+    from .training import recipe_names
+
+    if source.kind == "reference":
+        name = _recipe_name(source.name, "scalpel-layer", spec, args.quick)
+        finished = (Path(args.out) / "checkpoints" / _slug(name) / "final_state_dict.pt").is_file()
+        return name.removesuffix("/quick") in recipe_names() and (train or finished)
+    return source.kind == "python" and _user_file(args, source, "scalpel-layer").is_file()
+
+
+def _check_micro_args(args, source, spec) -> None:
+    from .errors import PlanError
+
+    if args.batches not in (None, [1]):
+        raise PlanError(f"--batches {' '.join(map(str, args.batches))}: a microcontroller runs one image at a "
+                        "time; expected --batches 1 or none")
+    if args.rounds is not None or args.rpc:
+        raise PlanError(f"{'--rounds' if args.rounds is not None else '--rpc'} applies to CPU timing; on "
+                        f"{spec.cpu} instructions are counted on QEMU (deterministic, one run each) and each "
+                        "Scalpel layer's kernel is chosen by running it there")
+    if _structure_only(source):
+        raise PlanError(f"{source.name}: the released structure on random weights is measured on CPUs (and "
+                        f"CUDA): its weights do not fit a microcontroller's memory; expected lenet-300-100, "
+                        "lenet-5 or convnet, a Python-file or an ONNX model")
+
+
+def _test_arrays(test):
+    import numpy as np
+
+    xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in test.batches(1000)))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _measure_micro(args, spec, source, train: bool) -> dict:
+    """Every variant as an int16 build on the emulated board (tvm_scalpel.micro.measure): instructions
+    per inference, flash, RAM, size, and the int16 model's accuracy on the test split."""
+    from . import bench
+    from .micro import board_for, check_toolchain
+    from .micro import measure as mcu
+
+    board = board_for(_target(args.target))
+    _check_micro_args(args, source, spec)
+    check_toolchain()
+    methods = METHODS + (("scalpel-layer",) if _has_layer_variant(args, spec, source, train) else ())
+    variants, test, _, _ = _variants(args, spec, source, methods, train)
+    calibration = _calibration(args, spec, source)
+    test_xy = None if test is None else _test_arrays(test)
+    inputs = (calibration if test_xy is None else test_xy[0])[:_BOARD_IMAGES]
+    builds = [mcu.Variant(m, v.relax(1), _MCU_KERNELS.get(m, "measured"), repeat=1 if m in _MCU_KERNELS else 2,
+                          evaluate=v.trained) for m, v in variants.items()]
+    with _bar(len(builds), f"build and run on {board.machine}", "variant") as bar:
+        rows = mcu.measure_all(builds, _target(args.target), Path(args.out) / f"{source.name}-{spec.cpu}-builds",
+                               calibration, inputs, test_xy, on_variant=lambda *_: bar.update())
+    out = []
+    for m, v in variants.items():
+        row = rows[m]
+        logger.info("%s: %s instructions (%.2fx), %.2f %% of the weight bytes", m, f"{row['instructions']:,}",
+                    row["speedup"], row["size_percent"])
+        out.append({**row, "name": m, "speedup_vs_dense": {"1": row["speedup"]}, "accuracy": v.accuracy,
+                    "compiled_accuracy": row.get("accuracy_int16"), "origin": v.source, "decisions": row["kernels"]})
+    notes = [f"{m} weights: {v.source}" for m, v in variants.items() if v.source]
+    notes += [f"int16 builds of one flow (TVM-generated C, arm-none-eabi-gcc, the same driver) run on QEMU "
+              f"{board.machine}; instructions executed per inference (a TCG plugin), not cycles",
+              f"every variant built under each code shape of micro.GRID, its fewest instructions kept; the board's "
+              f"outputs for {len(inputs)} images bit-exact with the numpy int16 reference, the Scalpel builds run "
+              "twice (same count)",
+              "kernels: dense = the board's SIMD MAC on every weight; traditional = CSR (an index per weight); "
+              f"Scalpel = groups of {board.group_width} (one index per group) or dense per layer, whichever runs "
+              "fewer instructions built alone on the board",
+              "accuracy: PyTorch fp32 / the int16 model (numpy reference, the board's arithmetic) on the whole "
+              "test split; int16 scales from " + (args.calibration or f"{len(calibration)} random training images")]
+    if "scalpel-layer" in variants:
+        notes.append("scalpel-layer: the same groups and kernels, pruned to a fraction of each layer's groups "
+                     "(traditional pruning's per-layer schedule) instead of the paper's global RMS threshold")
+    return {"kind": "mcu", "model": source.name, "source": source.kind, "target": spec.cpu,
+            "board": f"{spec.cpu} (QEMU {board.machine})", "group_width": board.group_width,
+            "quick": bool(args.quick), "batches": [1], "seed": args.seed,
+            "provenance": bench.provenance({"kind": spec.cpu, "machine": board.machine}), "notes": notes,
+            "variants": out}
 
 
 def cmd_run(args) -> int:
@@ -735,41 +864,67 @@ def _compile_shared_library(args, spec, source, variant, batch: int) -> Path:
     return path
 
 
-def _compile_micro(args, spec, source, variant, batch: int, test) -> Path:
-    """Cortex-M: the int16 project (TVM-generated C, driver, Makefile) via tvm_scalpel.build; if the ARM
-    toolchain is here, also build it, run it on QEMU and check it against the int16 reference."""
+def _compile_micro(args, spec, source, variant, batch: int) -> Path:
+    """Cortex-M: the int16 project (TVM-generated C, driver, Makefile). With the ARM toolchain and QEMU
+    here, the project is the one ``scalpel run`` measures: built under every code shape of micro.GRID and
+    the fewest instructions kept, Scalpel's layers each with the kernel that ran fewer instructions alone
+    on the board; it is run on QEMU and checked against the int16 reference. Without them: the default
+    code shape and the paper's MCU rule (SIMD groups on every layer), said so, not built."""
+    import dataclasses
+    import tempfile
+
     import numpy as np
 
     from . import build, micro
     from .errors import PlanError
+    from .micro import measure as mcu
 
     if batch != 1:
         raise PlanError(f"scalpel compile: a microcontroller runs one inference at a time; expected --batch 1, "
                         f"found {batch}")
-    if args.calibration:
-        calibration = np.load(args.calibration).astype("float32")
-    elif test is not None:
-        calibration = next(iter(test.batches(512)))[0].numpy()
-    else:
-        raise PlanError("scalpel compile: int16 scales need calibration inputs and this model brings no data; "
-                        "pass --calibration FILE.npy (float32 [N, *input shape])")
+    calibration = _calibration(args, spec, source)
     mod = variant.relax(1)
-    plan = _plan_for(args, variant.method, mod, spec)
     path = Path(args.output or Path(args.out) / f"{source.name}-{variant.method}-{spec.cpu}")
-    project = build(mod, spec.target, plan.compile_plan(), out_dir=path, calibration=calibration,
-                    inputs=calibration[:4])
+    inputs = calibration[:_BOARD_IMAGES]
+    if micro.missing_tools():
+        plan = _plan_for(args, variant.method, mod, spec)
+        build(mod, spec.target, plan.compile_plan(), out_dir=path, calibration=calibration, inputs=inputs)
+        _write_plan(path, plan)
+        print(f"  (not built: {', '.join(micro.missing_tools())} missing; install with: {micro.runner.INSTALL}; "
+              "without them each layer's kernel is not measured: the paper's MCU rule, groups everywhere)")
+        return path
+    method = _MCU_KERNELS.get(variant.method, "measured")
+    with tempfile.TemporaryDirectory(prefix="scalpel-grid-") as tmp:
+        best, best_run, grid = mcu.best_build(mod, _target(args.target), Path(tmp), calibration, method, inputs)
+    kernels = mcu.layer_kernels(best)
+    project = micro.build(mod, _target(args.target), path, calibration, inputs=inputs, config=best.config,
+                          methods={k["key"]: micro.Method(k["method"]) for k in kernels})
+    project = dataclasses.replace(project, decisions=best.decisions)
+    _write_plan(path, _micro_plan(spec, best.board.group_width, kernels))
+    result = micro.build_and_run(project)
+    mcu.check_runs(project, result)
+    if result.instructions != best_run.instructions:
+        raise PlanError(f"{path}: {result.instructions[0]:,} instructions, its measured build "
+                        f"{best_run.instructions[0]:,}; expected the same program")
+    print(f"  QEMU {project.board.machine}: {result.instructions[0]:,} instructions per inference, outputs "
+          f"bit-exact with the int16 reference; flash {result.flash_bytes:,} B, RAM {result.ram_bytes:,} B; "
+          f"code shape {vars(best.config)} (fewest of {len(grid)})")
+    return path
+
+
+def _micro_plan(spec, width: int, kernels: list[dict]):
+    """The PruningPlan of a microcontroller build whose kernels were measured (micro.measure.layer_kernels)."""
+    from .plan import LayerDecision, Method, PruningPlan
+
+    return PruningPlan(spec.hardware_class, spec.cpu, tuple(
+        LayerDecision(k["key"], Method(k["method"]), width if k["method"] == Method.GROUP.value else None,
+                      k["reached_sparsity"], None, k["reason"]) for k in kernels))
+
+
+def _write_plan(path: Path, plan) -> None:
     (path / "plan.json").write_text(plan.to_json() + "\n")
     for d in plan.layers:
         print(f"  {d.reason}")
-    if micro.missing_tools():
-        print(f"  (not built: {', '.join(micro.missing_tools())} missing; install with: {micro.runner.INSTALL})")
-        return path
-    result = micro.build_and_run(project)
-    if not np.array_equal(result.outputs, project.model.run(project.inputs)):
-        raise PlanError(f"{path}: QEMU's outputs differ from the int16 reference")
-    print(f"  QEMU {project.board.machine}: {result.instructions[0]:,} instructions per inference, outputs "
-          f"bit-exact with the int16 reference; flash {result.flash_bytes:,} B, RAM {result.ram_bytes:,} B")
-    return path
 
 
 def _check_method(args, spec, source) -> None:
@@ -797,9 +952,9 @@ def cmd_compile(args) -> int:
     compilers = {HardwareClass.CPU: _compile_shared_library, HardwareClass.GPU: _compile_shared_library,
                  HardwareClass.MCU: _compile_micro}
     compile_fn = compilers[spec.hardware_class]
-    variants, test, _, _ = _variants(args, spec, source, (args.method,), train=False)
+    variants, _, _, _ = _variants(args, spec, source, (args.method,), train=False)
     if spec.hardware_class is HardwareClass.MCU:
-        path = compile_fn(args, spec, source, variants[args.method], args.batch, test)
+        path = compile_fn(args, spec, source, variants[args.method], args.batch)
         print(f"wrote {path}/ ({args.method}, {spec.cpu}): C sources, Makefile (make -C {path} run)")
         return 0
     path = compile_fn(args, spec, source, variants[args.method], args.batch)

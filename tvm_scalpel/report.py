@@ -5,6 +5,10 @@ our dense compiled model, traditional pruning compiled (CSR), Scalpel compiled, 
 and pruned — each with latency per batch (median, p10, p90 in one interleaved run), speedups against
 our dense compiled model and against PyTorch eager dense, relative size (values + indices + row
 pointers of the weights, over the dense weights), accuracy, and the per-layer decisions.
+
+A microcontroller report (``"kind": "mcu"``) has instructions per inference on the emulated board
+instead of latency (one image at a time, so ``speedup_vs_dense`` holds batch 1 only), flash and RAM,
+and the int16 model's accuracy beside the PyTorch model's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ PAPER_CPU = {
 }
 #: Traditional pruning on the paper's CPU: the mean speedup over its five models (no per-model numbers).
 PAPER_TRADITIONAL_CPU_MEAN = 1.06
+# Scalpel's microcontroller results (speedup, size %): the same paper, ARM Cortex-M4.
+PAPER_MCU = {"lenet-300-100": (9.17, 6.93), "lenet-5": (3.51, 6.72), "convnet": (1.38, 40.95)}
+PAPER_TRADITIONAL_MCU_MEAN = 1.90
 
 VARIANT_LABELS = {
     "dense": "dense compiled (ours)",
@@ -27,15 +34,21 @@ VARIANT_LABELS = {
     "torch-dense": "PyTorch eager, dense",
     "torch-scalpel": "PyTorch eager, Scalpel-pruned",
     "torch-traditional": "PyTorch eager, traditional-pruned",
+    "scalpel-layer": "Scalpel groups, per-layer schedule",
 }
 
 
-def paper_reference(model: str, variant: str) -> str:
-    if variant == "scalpel" and model in PAPER_CPU:
-        s, size = PAPER_CPU[model]
+def _is_mcu(report: dict[str, Any]) -> bool:
+    return report.get("kind") == "mcu"
+
+
+def paper_reference(model: str, variant: str, mcu: bool = False) -> str:
+    table, mean = (PAPER_MCU, PAPER_TRADITIONAL_MCU_MEAN) if mcu else (PAPER_CPU, PAPER_TRADITIONAL_CPU_MEAN)
+    if variant == "scalpel" and model in table:
+        s, size = table[model]
         return f"{s:.2f}x, {size:.2f} %"
     if variant == "traditional":
-        return f"{PAPER_TRADITIONAL_CPU_MEAN:.2f}x (mean of 5 models)"
+        return f"{mean:.2f}x (mean of {'3' if mcu else '5'} models)"
     return ""
 
 
@@ -47,8 +60,35 @@ def _x(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}x"
 
 
+def _decisions(report: dict[str, Any], which: str) -> list[str]:
+    lines = []
+    for v in report["variants"]:
+        if v.get("decisions"):
+            lines += ["", f"{VARIANT_LABELS.get(v['name'], v['name'])}, per layer ({which}):"]
+            lines += [f"- {d['reason']}" for d in v["decisions"]]
+    return lines
+
+
+def render_mcu(report: dict[str, Any]) -> str:
+    """One model on a microcontroller: instructions per inference, size, flash/RAM, accuracy."""
+    head = ["variant", "instructions", "vs our dense", "size (incl. indices)", "flash / RAM (B)",
+            "accuracy (torch fp32 / int16 compiled)", "paper MCU"]
+    lines = [f"## {report['model']} on {report['board']}" + (" (quick recipe)" if report.get("quick") else ""), ""]
+    lines += [f"- {n}" for n in report.get("notes", [])]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in report["variants"]:
+        lines.append("| " + " | ".join([
+            VARIANT_LABELS.get(v["name"], v["name"]), f"{v['instructions']:,}", _x(v["speedup_vs_dense"].get("1")),
+            f"{v['size_percent']:.2f} %", f"{v['flash_bytes']:,} / {v['ram_bytes']:,}",
+            f"{_pct(v.get('accuracy'))} / {_pct(v.get('compiled_accuracy'))}",
+            paper_reference(report["model"], v["name"], mcu=True)]) + " |")
+    return "\n".join(lines + _decisions(report, "kernel with fewer instructions where measured"))
+
+
 def render(report: dict[str, Any]) -> str:
     """One model's table (the paper's layout, one row per variant) plus its per-layer decisions."""
+    if _is_mcu(report):
+        return render_mcu(report)
     batches = [str(b) for b in report["batches"]]
     head = ["variant"]
     for b in batches:
@@ -69,11 +109,7 @@ def render(report: dict[str, Any]) -> str:
         cells.append(f"{_pct(v.get('accuracy'))} / {_pct(v.get('compiled_accuracy'))}")
         cells.append(paper_reference(report["model"], v["name"]))
         lines.append("| " + " | ".join(cells) + " |")
-    for v in report["variants"]:
-        if v.get("decisions"):
-            lines += ["", f"{VARIANT_LABELS.get(v['name'], v['name'])}, per layer (batch {batches[0]}):"]
-            lines += [f"- {d['reason']}" for d in v["decisions"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _decisions(report, f"batch {batches[0]}"))
 
 
 def render_all(reports: Sequence[dict[str, Any]]) -> str:
@@ -81,8 +117,12 @@ def render_all(reports: Sequence[dict[str, Any]]) -> str:
     intro = ["# scalpel report", "",
              f"Machine: {prov.get('cpu_model', '?')}, {prov.get('cpu_count', '?')} cores, load "
              f"{prov.get('load_average', '?')}, git {prov.get('git_sha', '?')}, {prov.get('date', '?')}. "
-             "Latencies: medians of interleaved rounds in one process; speedups are ratios of medians. "
-             "Size: weight values + indices + row pointers over the dense weights (biases excluded).", ""]
+             + ("Latencies: medians of interleaved rounds in one process; speedups are ratios of medians. "
+                if not all(_is_mcu(r) for r in reports) else "")
+             + ("Microcontrollers: instructions executed per inference on QEMU (deterministic; instructions, "
+                "not cycles), speedups are ratios of instruction counts. " if any(_is_mcu(r) for r in reports)
+                else "")
+             + "Size: weight values + indices + row pointers over the dense weights (biases excluded).", ""]
     return "\n".join(intro + [render(r) + "\n" for r in reports])
 
 
@@ -106,21 +146,24 @@ def plot(reports: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         for i, b in enumerate(batches):
             vals = [v["speedup_vs_dense"].get(b) or 0.0 for v in rep["variants"]]
             row[0].bar([j + i * width for j in range(len(names))], vals, width, label=f"batch {b}")
+        paper, paper_mean = (PAPER_MCU, PAPER_TRADITIONAL_MCU_MEAN) if _is_mcu(rep) else (
+            PAPER_CPU, PAPER_TRADITIONAL_CPU_MEAN)
         for j, name in enumerate(names):
-            ref = PAPER_CPU.get(rep["model"], (None,))[0] if name == "scalpel" else (
-                PAPER_TRADITIONAL_CPU_MEAN if name == "traditional" else None)
+            ref = paper.get(rep["model"], (None,))[0] if name == "scalpel" else (
+                paper_mean if name == "traditional" else None)
             if ref:
                 row[0].plot([j - 0.1, j + 0.9], [ref, ref], "k--", lw=1)
                 row[0].annotate(f"paper {ref}x", (j, ref), fontsize=7, va="bottom")
         row[0].axhline(1.0, color="grey", lw=0.8)
         row[0].set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=20, fontsize=8)
         row[0].set_ylabel("speedup vs our dense compiled")
-        row[0].set_title(f"{rep['model']}: latency", fontsize=9)
+        row[0].set_title(f"{rep['model']}: " + (f"instructions on {rep['board']}" if _is_mcu(rep) else "latency"),
+                         fontsize=9)
         row[0].legend(fontsize=7)
         sized = [v for v in rep["variants"] if v.get("size_percent") is not None]
         row[1].bar([v["name"] for v in sized], [v["size_percent"] for v in sized], color="tab:green")
-        if rep["model"] in PAPER_CPU:
-            row[1].axhline(PAPER_CPU[rep["model"]][1], color="k", ls="--", lw=1, label="paper Scalpel size")
+        if rep["model"] in paper:
+            row[1].axhline(paper[rep["model"]][1], color="k", ls="--", lw=1, label="paper Scalpel size")
             row[1].legend(fontsize=7)
         row[1].set_ylabel("size, % of dense (incl. indices)")
         row[1].set_title(f"{rep['model']}: model size", fontsize=9)
@@ -144,8 +187,9 @@ def plot(reports: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_xticks(range(len(ds)), [d["key"] for d in ds], fontsize=7)
         ax.set_ylim(0, 110)
         ax.set_ylabel("zeros reached, %")
-        ax.set_title(f"{rep['model']} {VARIANT_LABELS.get(v['name'], v['name'])}: per-layer method "
-                     "(black bar: profiled crossover)", fontsize=9)
+        crossover = any(d.get("crossover") is not None for d in ds)
+        ax.set_title(f"{rep['model']} {VARIANT_LABELS.get(v['name'], v['name'])}: per-layer method"
+                     + (" (black bar: profiled crossover)" if crossover else ""), fontsize=9)
     fig.tight_layout()
     paths.append(out_dir / "decisions.png")
     fig.savefig(paths[-1], dpi=110)
