@@ -395,6 +395,17 @@ def test_python_file_scalpel_layer_prunes_each_layers_pairs_and_runs_on_the_m4(s
     # (the 2x128 one is measured too; either kernel may win there).
     assert [d["method"] == _measured_choice(d["reason"]) for d in plan["layers"]] == [True, True]
     assert plan["layers"][0]["method"] == "group" and plan["layers"][0]["group_width"] == 2
+    # bench on the M4 adds the scalpel-layer column for a model pruned that way and counts what compile built;
+    # the methods not pruned yet run the initial weights, and the report says so.
+    rc, stdout_bench, err = scalpel("bench", tiny_net, "--target", "cortex-m4", "--out", out)
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    rows = {v["name"]: v for v in report["variants"]}
+    assert list(rows) == ["dense", "traditional", "scalpel", "scalpel-layer"]
+    assert f"QEMU mps2-an386: {rows['scalpel-layer']['instructions']:,} instructions" in stdout
+    assert rows["scalpel-layer"]["origin"].endswith("tiny_net-scalpel-layer.pt")
+    assert rows["traditional"]["origin"].endswith("its initial weights (none saved)")
+    assert rows["scalpel-layer"]["compiled_accuracy"] == pytest.approx(rows["scalpel-layer"]["accuracy"], abs=0.02)
 
 
 def test_progress_bars_follow_rounds_and_epochs():

@@ -269,7 +269,10 @@ def _variants(args, spec, source, methods, train: bool):
         shape = tuple(next(iter(test.batches(1)))[0].shape[1:])
         for m in methods:
             model = _user_model(args, source, m)
-            variants[m] = wrap(m, model, evaluate(model, test)[1], origin=str(source.path))
+            files = [p for p in (_user_file(args, source, m), _user_file(args, source, "dense")) if p.is_file()]
+            # Said in the report: a method not pruned yet runs the dense (or initial) weights.
+            origin = f"{source.path}, " + (f"weights {files[0]}" if files else "its initial weights (none saved)")
+            variants[m] = wrap(m, model, evaluate(model, test)[1], origin=origin)
     elif _structure_only(source):
         shape = tuple(source.torch_model().input_shape)
         variants, test = _structure_variants(args, spec, source, methods, wrap), None
@@ -718,13 +721,16 @@ def _measure_micro(args, spec, source, train: bool) -> dict:
     builds = [mcu.Variant(m, v.relax(1), _MCU_KERNELS.get(m, "measured"), repeat=1 if m in _MCU_KERNELS else 2,
                           evaluate=v.trained) for m, v in variants.items()]
     with _bar(len(builds), f"build and run on {board.machine}", "variant") as bar:
+        def measured(name, row):
+            logger.info("%s: %s instructions on %s, flash %s B, RAM %s B", name, f"{row['instructions']:,}",
+                        board.machine, f"{row['flash_bytes']:,}", f"{row['ram_bytes']:,}")
+            bar.update()
+
         rows = mcu.measure_all(builds, _target(args.target), Path(args.out) / f"{source.name}-{spec.cpu}-builds",
-                               calibration, inputs, test_xy, on_variant=lambda *_: bar.update())
+                               calibration, inputs, test_xy, on_variant=measured)
     out = []
     for m, v in variants.items():
         row = rows[m]
-        logger.info("%s: %s instructions (%.2fx), %.2f %% of the weight bytes", m, f"{row['instructions']:,}",
-                    row["speedup"], row["size_percent"])
         out.append({**row, "name": m, "speedup_vs_dense": {"1": row["speedup"]}, "accuracy": v.accuracy,
                     "compiled_accuracy": row.get("accuracy_int16"), "origin": v.source, "decisions": row["kernels"]})
     notes = [f"{m} weights: {v.source}" for m, v in variants.items() if v.source]
@@ -738,6 +744,9 @@ def _measure_micro(args, spec, source, train: bool) -> dict:
               "fewer instructions built alone on the board",
               "accuracy: PyTorch fp32 / the int16 model (numpy reference, the board's arithmetic) on the whole "
               "test split; int16 scales from " + (args.calibration or f"{len(calibration)} random training images")]
+    if source.kind == "onnx":
+        notes.append("ONNX model: every variant compiles the same weights (dense = dense kernels, dead nodes "
+                     "folded; traditional = CSR); no data, so no accuracy")
     if "scalpel-layer" in variants:
         notes.append("scalpel-layer: the same groups and kernels, pruned to a fraction of each layer's groups "
                      "(traditional pruning's per-layer schedule) instead of the paper's global RMS threshold")

@@ -351,7 +351,10 @@ def _run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, res
         if dense_acc is None and 0 < start_stage < len(recipe.stages) and start_epoch == 0 and \
                 recipe.stages[start_stage].kind is not StageKind.DENSE:
             dense_acc = history[-1].test_accuracy  # a dense-only recipe, now continued with pruning
-        logger.info("%s: resuming at stage %d epoch %d from %s", recipe.name, start_stage, start_epoch, ckpt_path)
+        if start_stage >= len(recipe.stages):
+            logger.info("%s: finished run, read back from %s", recipe.name, ckpt_path)
+        else:
+            logger.info("%s: resuming at stage %d epoch %d from %s", recipe.name, start_stage, start_epoch, ckpt_path)
     data_key = _data_key(train, test) if ckpt_path is not None else ""
     if share_from is not None and ckpt_path is not None and start_stage == start_epoch == 0:
         shared = _shared_prefix(recipe, Path(share_from), data_key)
