@@ -55,7 +55,8 @@ from tvm_scalpel.models import build_model  # noqa: E402
 from tvm_scalpel.report import PAPER_MCU, PAPER_TRADITIONAL_MCU_MEAN  # noqa: E402
 from tvm_scalpel.target import hardware_spec  # noqa: E402
 from tvm_scalpel.training import run_recipe  # noqa: E402
-from tvm_scalpel.training.loop import load_data, recipe_fingerprint  # noqa: E402
+from tvm_scalpel.training.loop import (CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, load_data,  # noqa: E402
+                                       recipe_fingerprint)
 from tvm_scalpel.training.recipes import Recipe  # noqa: E402
 from train_recipes import resolve, unpark  # noqa: E402  (same folder)
 
@@ -100,13 +101,13 @@ def _trained(name: str, quick: QuickSettings | None, train: bool) -> tuple[Recip
     ckpt = folder / name.replace("/", "__")
     if not quick:
         unpark(CHECKPOINTS)  # committed checkpoints: trained models, or runs to continue
-    final = ckpt / "final_state_dict.pt"
+    final = ckpt / FINAL_WEIGHTS_NAME
     if not final.is_file():
         if not train:
             raise SystemExit(f"{name}: not trained yet ({ckpt}); run without --no-train or "
                              f"python benchmarks/train_recipes.py --recipes {name.removesuffix('/quick')}")
         run_recipe(recipe, checkpoint_dir=ckpt, share_from=folder)
-    ck = torch.load(ckpt / "checkpoint.pt", weights_only=False)
+    ck = torch.load(ckpt / CHECKPOINT_NAME, weights_only=False)
     if ck["fingerprint"] != recipe_fingerprint(recipe):
         logger.warning("%s: trained under another revision of the recipe definition (%s)", name, ck["fingerprint"])
     model = build_model(recipe.model)

@@ -46,10 +46,11 @@ def _connect(port: int, key: str, timeout_s: float = 60.0):
 def _pruned_module(batch: int):
     from tvm_scalpel.sources import resolve
     from tvm_scalpel.training import get_recipe, run_recipe
+    from tvm_scalpel.training.loop import is_finished
 
     recipe = get_recipe("lenet-300-100/cpu")
     ckpt = CHECKPOINTS / "lenet-300-100__cpu"
-    if not (ckpt / "final_state_dict.pt").is_file():
+    if not is_finished(ckpt):
         sys.exit(f"{ckpt} holds no finished recipe: run `python benchmarks/train_recipes.py --threads 1 "
                  "--recipes lenet-300-100/cpu` first (about 30 min)")
     model = run_recipe(recipe, checkpoint_dir=ckpt).model.eval()

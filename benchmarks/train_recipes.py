@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from tvm_scalpel.target import hardware_spec  # noqa: E402
 from tvm_scalpel.training import TrainingPlan, get_recipe, quick, run_recipe, scale_schedule  # noqa: E402
-from tvm_scalpel.training.loop import CHECKPOINT_NAME, STAGES_DIR, STATE_SUFFIX  # noqa: E402
+from tvm_scalpel.training.loop import (CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, PLAN_NAME, STAGES_DIR,  # noqa: E402
+                                       STATE_SUFFIX)
 from tvm_scalpel.training.recipes import Recipe, StageKind, paper_recipe  # noqa: E402
 
 logger = logging.getLogger("train_recipes")
@@ -65,14 +66,14 @@ DEFAULT = [f"{m}/{k}" for m in ("lenet-300-100", "lenet-5", "convnet")
 #: Committed checkpoints (``--park``): a recipe longer than one working session continues in a new checkout
 #: from here, and a finished one's trained model stays usable (micro.py, scalpel run) without retraining.
 PARKED = ROOT / "benchmarks" / "results" / "checkpoints"
-PARK_FILES = ("checkpoint.pt", "final_state_dict.pt", "plan.json")
+PARK_FILES = (CHECKPOINT_NAME, FINAL_WEIGHTS_NAME, PLAN_NAME)
 
 
 def park(slug: str, checkpoints: Path) -> Path:
     """Copy a recipe's checkpoint (and final model when finished; dense stage ends other recipes can
     share; every stage's plan) from ``checkpoints`` into :data:`PARKED`."""
     src, dst = checkpoints / slug, PARKED / slug
-    if not (src / "checkpoint.pt").is_file():
+    if not (src / CHECKPOINT_NAME).is_file():
         raise SystemExit(f"{slug}: no checkpoint to park in {src}")
     shutil.rmtree(dst, ignore_errors=True)
     (dst / STAGES_DIR).mkdir(parents=True)
@@ -94,7 +95,7 @@ def unpark(checkpoints: Path) -> list[str]:
     copied = []
     for src in sorted(PARKED.glob("*/checkpoint.pt")):
         dst = checkpoints / src.parent.name
-        if not (dst / "checkpoint.pt").is_file():
+        if not (dst / CHECKPOINT_NAME).is_file():
             shutil.copytree(src.parent, dst, dirs_exist_ok=True)
             copied.append(src.parent.name)
     return copied
@@ -233,7 +234,7 @@ def tile_report(recipe: Recipe, res, ckpt_dir: Path, record: dict) -> dict:
         "dense_accuracy": res.dense_accuracy, "loss_budget": TILE_LOSS_BUDGET, "stages": stages,
         "chosen_stage": chosen, "final_accuracy": res.final_accuracy,
         "final_plan_size_ratio": res.plan.size_ratio, "final_tile_sparsity": res.plan.tile_sparsity,
-        "final_weights": str(ckpt_dir / "final_state_dict.pt"), "wall_seconds": res.wall_seconds,
+        "final_weights": str(ckpt_dir / FINAL_WEIGHTS_NAME), "wall_seconds": res.wall_seconds,
         "command": record["command"], "device": record["device"], "provenance": record["provenance"],
     }
 

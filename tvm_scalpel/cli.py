@@ -181,6 +181,7 @@ def _recipe_result(args, name: str, train: bool):
     from .errors import ScalpelError
     from .released import has_released_structure
     from .training import get_recipe, run_recipe
+    from .training.loop import is_finished
 
     model = name.split("/")[0]
     if has_released_structure(model):
@@ -189,7 +190,7 @@ def _recipe_result(args, name: str, train: bool):
                            "weights (tvm_scalpel.released): latency and size, no accuracy")
     recipe = get_recipe(name, target=_target(args.target))  # first: says which models have recipes
     ckpt = Path(args.out) / "checkpoints" / _slug(name)
-    if not train and not (ckpt / "final_state_dict.pt").is_file():
+    if not train and not is_finished(ckpt):
         kind = name.split("/")[1]
         method = next((m for m, k in _METHOD_KINDS.items() if k == kind), "scalpel")
         target = "" if args.target == "host" else f" --target {args.target}"
@@ -246,7 +247,7 @@ def _variants(args, spec, source, methods, train: bool):
     import torch
 
     from .training import get_recipe
-    from .training.loop import evaluate, load_data
+    from .training.loop import evaluate, is_finished, load_data
 
     if source.kind == "onnx":
         name, dims = source.onnx_input()
@@ -287,7 +288,7 @@ def _variants(args, spec, source, methods, train: bool):
         test = load_data(any_recipe)[1]
         if "dense" in methods:
             dense_name = _recipe_name(source.name, "dense", spec, args.quick)
-            if (Path(args.out) / "checkpoints" / _slug(dense_name) / "final_state_dict.pt").is_file():
+            if is_finished(Path(args.out) / "checkpoints" / _slug(dense_name)):
                 recipe, res = _recipe_result(args, dense_name, train=False)
                 variants["dense"] = wrap("dense", res.model, res.final_accuracy, origin=recipe.name)
             else:  # latency does not depend on the weights; accuracy from the pruning recipe's dense stage
@@ -672,10 +673,11 @@ def _has_layer_variant(args, spec, source, train: bool) -> bool:
     with an mcu-layer recipe (trained if needed), `bench` where that recipe has finished in OUT, or a
     Python-file model that `scalpel prune --method scalpel-layer` has pruned."""
     from .training import recipe_names
+    from .training.loop import is_finished
 
     if source.kind == "reference":
         name = _recipe_name(source.name, "scalpel-layer", spec, args.quick)
-        finished = (Path(args.out) / "checkpoints" / _slug(name) / "final_state_dict.pt").is_file()
+        finished = is_finished(Path(args.out) / "checkpoints" / _slug(name))
         return name.removesuffix("/quick") in recipe_names() and (train or finished)
     return source.kind == "python" and _user_file(args, source, "scalpel-layer").is_file()
 

@@ -37,8 +37,16 @@ from .recipes import Recipe, Stage, StageKind
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: What a finished run leaves beside its checkpoint: the pruned model's weights and its TrainingPlan.
+FINAL_WEIGHTS_NAME = "final_state_dict.pt"
+PLAN_NAME = "plan.json"
 STAGES_DIR = "stages"
 STATE_SUFFIX = ".state.pt"  # stages/stage-NN.state.pt: what another recipe needs to continue from stage NN
+
+
+def is_finished(checkpoint_dir: str | Path) -> bool:
+    """Whether a recipe's run in ``checkpoint_dir`` has finished (its final weights are written)."""
+    return (Path(checkpoint_dir) / FINAL_WEIGHTS_NAME).is_file()
 
 
 @dataclass(frozen=True)
@@ -445,10 +453,9 @@ def _run_recipe(recipe: Recipe, *, checkpoint_dir: str | Path | None = None, res
     out = Path(checkpoint_dir) if checkpoint_dir is not None else None
     # A finished run read back (a parked checkpoint) keeps the files it was trained with: rewriting them
     # would stamp this host's hardware into the plan and dirty a committed checkout.
-    if out is not None and not (was_finished and (out / "final_state_dict.pt").is_file()
-                                and (out / "plan.json").is_file()):
-        (out / "plan.json").write_text(plan.to_json(indent=1))
-        torch.save(final.state_dict(), out / "final_state_dict.pt")
+    if out is not None and not (was_finished and is_finished(out) and (out / PLAN_NAME).is_file()):
+        (out / PLAN_NAME).write_text(plan.to_json(indent=1))
+        torch.save(final.state_dict(), out / FINAL_WEIGHTS_NAME)
     return TrainResult(recipe=recipe.name, dense_accuracy=dense_acc, final_accuracy=final_acc,
                        masked_accuracy=masked_acc, plan=plan, history=tuple(history), wall_seconds=wall,
                        model=final)
