@@ -232,6 +232,35 @@ def test_run_on_the_m4_counts_instructions_and_compile_writes_that_build(run_out
     assert [d["method"] for d in plan["layers"]] == [d["method"] for d in rows["scalpel"]["decisions"]]
 
 
+def test_mcu_report_puts_the_papers_m4_numbers_beside_the_m4_only(tmp_path):
+    """A microcontroller report: instructions and speedups as measured, the paper's Cortex-M4 results on a
+    cortex-m4 report and none on a cortex-m55 one (the paper measured no M55); PNGs from it too."""
+    from tvm_scalpel.report import plot, render_all
+
+    def variant(name, instructions, acc):
+        return {"name": name, "instructions": instructions, "speedup_vs_dense": {"1": 1000 / instructions},
+                "size_percent": 100.0 if name == "dense" else 10.0, "flash_bytes": 2048, "ram_bytes": 512,
+                "accuracy": acc, "compiled_accuracy": None if name == "dense" else acc,
+                "decisions": [{"key": "linear:10x64", "method": "group", "reached_sparsity": 0.9, "crossover": None,
+                               "reason": "linear:10x64: 90% zero groups of 2; instructions alone: dense 9, group 3 "
+                                         "-> group"}]}
+
+    def report(target):
+        return {"kind": "mcu", "model": "lenet-300-100", "target": target, "board": f"{target} (QEMU x)",
+                "batches": [1], "notes": [], "variants": [variant("dense", 1000, 0.98), variant("traditional", 400, 0.97),
+                                                          variant("scalpel", 125, 0.975)]}
+
+    m4, m55 = render_all([report("cortex-m4")]), render_all([report("cortex-m55")])
+    for md in (m4, m55):
+        assert "| Scalpel compiled | 125 | 8.00x | 10.00 % | 2,048 / 512 | 97.50 % / 97.50 % |" in md
+        assert "| dense compiled (ours) | 1,000 | 1.00x | 100.00 % | 2,048 / 512 | 98.00 % / — |" in md
+        assert "instructions executed per inference on QEMU" in md and "Latencies" not in md
+        assert "instructions alone: dense 9, group 3 -> group" in md
+    assert "9.17x, 6.93 %" in m4 and "1.90x (mean of 3 models)" in m4
+    assert "9.17x" not in m55 and "1.90x" not in m55
+    assert [p.name for p in plot([report("cortex-m55")], tmp_path)] == ["speedup_size.png", "decisions.png"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (("run", "lenet-300-100", "--target", "cortex-m4", "--batches", "1", "16"), "runs one image at a time"),
     (("bench", "lenet-300-100", "--target", "cortex-m4", "--rounds", "3"), "instructions are counted on QEMU"),

@@ -42,13 +42,22 @@ def _is_mcu(report: dict[str, Any]) -> bool:
     return report.get("kind") == "mcu"
 
 
-def paper_reference(model: str, variant: str, mcu: bool = False) -> str:
-    table, mean = (PAPER_MCU, PAPER_TRADITIONAL_MCU_MEAN) if mcu else (PAPER_CPU, PAPER_TRADITIONAL_CPU_MEAN)
+def _paper(report: dict[str, Any]) -> tuple[dict, float | None]:
+    """The paper's (per-model table, traditional mean) for the report's hardware: CPU, or the Cortex-M4
+    (the only microcontroller it measured; none for the M55)."""
+    if not _is_mcu(report):
+        return PAPER_CPU, PAPER_TRADITIONAL_CPU_MEAN
+    return (PAPER_MCU, PAPER_TRADITIONAL_MCU_MEAN) if report.get("target") == "cortex-m4" else ({}, None)
+
+
+def paper_reference(report: dict[str, Any], variant: str) -> str:
+    table, mean = _paper(report)
+    model = report["model"]
     if variant == "scalpel" and model in table:
         s, size = table[model]
         return f"{s:.2f}x, {size:.2f} %"
-    if variant == "traditional":
-        return f"{mean:.2f}x (mean of {'3' if mcu else '5'} models)"
+    if variant == "traditional" and mean is not None:
+        return f"{mean:.2f}x (mean of {'3' if _is_mcu(report) else '5'} models)"
     return ""
 
 
@@ -72,7 +81,7 @@ def _decisions(report: dict[str, Any], which: str) -> list[str]:
 def render_mcu(report: dict[str, Any]) -> str:
     """One model on a microcontroller: instructions per inference, size, flash/RAM, accuracy."""
     head = ["variant", "instructions", "vs our dense", "size (incl. indices)", "flash / RAM (B)",
-            "accuracy (torch fp32 / int16 compiled)", "paper MCU"]
+            "accuracy (torch fp32 / int16 compiled)", "paper (Cortex-M4)"]
     lines = [f"## {report['model']} on {report['board']}" + (" (quick recipe)" if report.get("quick") else ""), ""]
     lines += [f"- {n}" for n in report.get("notes", [])]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -81,7 +90,7 @@ def render_mcu(report: dict[str, Any]) -> str:
             VARIANT_LABELS.get(v["name"], v["name"]), f"{v['instructions']:,}", _x(v["speedup_vs_dense"].get("1")),
             f"{v['size_percent']:.2f} %", f"{v['flash_bytes']:,} / {v['ram_bytes']:,}",
             f"{_pct(v.get('accuracy'))} / {_pct(v.get('compiled_accuracy'))}",
-            paper_reference(report["model"], v["name"], mcu=True)]) + " |")
+            paper_reference(report, v["name"])]) + " |")
     return "\n".join(lines + _decisions(report, "kernel with fewer instructions where measured"))
 
 
@@ -107,7 +116,7 @@ def render(report: dict[str, Any]) -> str:
         size = v.get("size_percent")
         cells.append("—" if size is None else f"{size:.2f} %")
         cells.append(f"{_pct(v.get('accuracy'))} / {_pct(v.get('compiled_accuracy'))}")
-        cells.append(paper_reference(report["model"], v["name"]))
+        cells.append(paper_reference(report, v["name"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + _decisions(report, f"batch {batches[0]}"))
 
@@ -146,8 +155,7 @@ def plot(reports: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         for i, b in enumerate(batches):
             vals = [v["speedup_vs_dense"].get(b) or 0.0 for v in rep["variants"]]
             row[0].bar([j + i * width for j in range(len(names))], vals, width, label=f"batch {b}")
-        paper, paper_mean = (PAPER_MCU, PAPER_TRADITIONAL_MCU_MEAN) if _is_mcu(rep) else (
-            PAPER_CPU, PAPER_TRADITIONAL_CPU_MEAN)
+        paper, paper_mean = _paper(rep)
         for j, name in enumerate(names):
             ref = paper.get(rep["model"], (None,))[0] if name == "scalpel" else (
                 paper_mean if name == "traditional" else None)
