@@ -272,6 +272,24 @@ def test_run_and_bench_say_what_a_target_cannot_do(scalpel, tmp_path, argv, expe
     assert rc == 2 and expected in err
 
 
+@needs_mnist
+def test_bench_does_not_train_a_run_of_an_earlier_recipe_definition(run_out, scalpel, tmp_path):
+    """`bench` only measures: a finished run whose recipe has changed since (here its checkpoint's fingerprint)
+    is an error naming what continues it, and the checkpoint is left as it was (run_recipe would train)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out[0] / "checkpoints", out / "checkpoints")
+    ckpt = out / "checkpoints" / "lenet-300-100__cpu__quick" / "checkpoint.pt"
+    ck = torch.load(ckpt, weights_only=False)
+    ck["fingerprint"] = "0" * 16
+    torch.save(ck, ckpt)
+    before = ckpt.read_bytes()
+    rc, _, err = scalpel("bench", "lenet-300-100", "--quick", "--out", out, "--batches", "1", "--rounds", "1")
+    assert rc == 2 and "another definition of that recipe" in err and "scalpel prune lenet-300-100" in err
+    assert ckpt.read_bytes() == before
+
+
 def test_mcu_compile_without_a_pruned_model_says_what_to_run(scalpel, tmp_path):
     rc, _, err = scalpel("compile", "lenet-300-100", "--target", "cortex-m4", "--out", tmp_path)
     assert rc == 2 and "lenet-300-100/mcu" in err

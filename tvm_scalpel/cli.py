@@ -180,7 +180,7 @@ def _recipe_result(args, name: str, train: bool):
     """Train or resume a recipe in OUT/checkpoints/<slug>; without ``train`` it must be finished."""
     from .errors import ScalpelError
     from .released import has_released_structure
-    from .training import get_recipe, run_recipe
+    from .training import run_recipe
     from .training.loop import is_finished
 
     model = name.split("/")[0]
@@ -188,17 +188,18 @@ def _recipe_result(args, name: str, train: bool):
         raise ScalpelError(f"{model} has no training recipe here (its dataset is not available offline); "
                            f"`scalpel run|bench|compile {model}` use the paper's released structure on random "
                            "weights (tvm_scalpel.released): latency and size, no accuracy")
-    recipe = get_recipe(name, target=_target(args.target))  # first: says which models have recipes
-    ckpt = Path(args.out) / "checkpoints" / _slug(name)
-    if not train and not is_finished(ckpt):
+    recipe = _recipe(args, name)  # first: says which models have recipes
+    ckpt = _checkpoints(args, name)
+    if not train and not is_finished(ckpt, recipe):
         kind = name.split("/")[1]
         method = next((m for m, k in _METHOD_KINDS.items() if k == kind), "scalpel")
         target = "" if args.target == "host" else f" --target {args.target}"
-        raise ScalpelError(f"{ckpt} has no finished recipe {name!r}; run `scalpel prune {args.model} --method "
-                           f"{method}{target}{' --quick' if args.quick else ''} --out {args.out}` first "
-                           "(or `scalpel run`)")
-    if recipe.seed != args.seed:
-        recipe = replace(recipe, seed=args.seed)
+        what = ("was trained under another definition of that recipe (the checkpoint's fingerprint is not "
+                "this recipe's: its stages, schedule or seed changed)" if is_finished(ckpt)
+                else f"has no finished recipe {name!r}")
+        raise ScalpelError(f"{ckpt} {what}; run `scalpel prune {args.model} --method {method}{target}"
+                           f"{' --quick' if args.quick else ''} --out {args.out}` first (or `scalpel run`), "
+                           "which continues or retrains it")
     logger.info("recipe %s (checkpoints %s)", name, ckpt)
     with _bar(recipe.total_epochs, f"train {recipe.name}", "epoch") as bar:
         def on_epoch(rec):  # a resumed or shared run starts part-way: place the bar, then advance it
@@ -209,6 +210,25 @@ def _recipe_result(args, name: str, train: bool):
                             share_from=ckpt.parent,  # the model's other recipes' dense stages are reused
                             on_epoch=on_epoch)
     return recipe, result
+
+
+def _recipe(args, name: str):
+    """The recipe ``name`` for --target (where w comes from) at --seed."""
+    from .training import get_recipe
+
+    recipe = get_recipe(name, target=_target(args.target))
+    return recipe if recipe.seed == args.seed else replace(recipe, seed=args.seed)
+
+
+def _checkpoints(args, name: str) -> Path:
+    return Path(args.out) / "checkpoints" / _slug(name)
+
+
+def _trained(args, name: str) -> bool:
+    """Whether OUT/checkpoints holds a finished run of recipe ``name`` as it is defined now."""
+    from .training.loop import is_finished
+
+    return is_finished(_checkpoints(args, name), _recipe(args, name))
 
 
 def _epochs_done(recipe, rec) -> int:
@@ -247,7 +267,7 @@ def _variants(args, spec, source, methods, train: bool):
     import torch
 
     from .training import get_recipe
-    from .training.loop import evaluate, is_finished, load_data
+    from .training.loop import evaluate, load_data
 
     if source.kind == "onnx":
         name, dims = source.onnx_input()
@@ -288,7 +308,7 @@ def _variants(args, spec, source, methods, train: bool):
         test = load_data(any_recipe)[1]
         if "dense" in methods:
             dense_name = _recipe_name(source.name, "dense", spec, args.quick)
-            if is_finished(Path(args.out) / "checkpoints" / _slug(dense_name)):
+            if _trained(args, dense_name):
                 recipe, res = _recipe_result(args, dense_name, train=False)
                 variants["dense"] = wrap("dense", res.model, res.final_accuracy, origin=recipe.name)
             else:  # latency does not depend on the weights; accuracy from the pruning recipe's dense stage
@@ -673,12 +693,10 @@ def _has_layer_variant(args, spec, source, train: bool) -> bool:
     with an mcu-layer recipe (trained if needed), `bench` where that recipe has finished in OUT, or a
     Python-file model that `scalpel prune --method scalpel-layer` has pruned."""
     from .training import recipe_names
-    from .training.loop import is_finished
 
     if source.kind == "reference":
         name = _recipe_name(source.name, "scalpel-layer", spec, args.quick)
-        finished = is_finished(Path(args.out) / "checkpoints" / _slug(name))
-        return name.removesuffix("/quick") in recipe_names() and (train or finished)
+        return name.removesuffix("/quick") in recipe_names() and (train or _trained(args, name))
     return source.kind == "python" and _user_file(args, source, "scalpel-layer").is_file()
 
 

@@ -44,9 +44,17 @@ STAGES_DIR = "stages"
 STATE_SUFFIX = ".state.pt"  # stages/stage-NN.state.pt: what another recipe needs to continue from stage NN
 
 
-def is_finished(checkpoint_dir: str | Path) -> bool:
-    """Whether a recipe's run in ``checkpoint_dir`` has finished (its final weights are written)."""
-    return (Path(checkpoint_dir) / FINAL_WEIGHTS_NAME).is_file()
+def is_finished(checkpoint_dir: str | Path, recipe: "Recipe | None" = None) -> bool:
+    """Whether a recipe's run in ``checkpoint_dir`` has finished (its final weights are written); with
+    ``recipe``, also that the run is of this very recipe (not of an earlier definition, e.g. one stage
+    shorter, which ``run_recipe`` would continue)."""
+    path = Path(checkpoint_dir)
+    if not (path / FINAL_WEIGHTS_NAME).is_file():
+        return False
+    if recipe is None:
+        return True
+    ck = torch.load(path / CHECKPOINT_NAME, weights_only=False, map_location="cpu")
+    return ck["fingerprint"] == recipe_fingerprint(recipe)
 
 
 @dataclass(frozen=True)
