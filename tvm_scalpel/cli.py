@@ -753,28 +753,32 @@ def _measure_micro(args, spec, source, train: bool) -> dict:
         row = rows[m]
         out.append({**row, "name": m, "speedup_vs_dense": {"1": row["speedup"]}, "accuracy": v.accuracy,
                     "compiled_accuracy": row.get("accuracy_int16"), "origin": v.source, "decisions": row["kernels"]})
+    return {"kind": "mcu", "model": source.name, "source": source.kind, "target": spec.cpu,
+            "board": f"{spec.cpu} (QEMU {board.machine})", "group_width": board.group_width,
+            "quick": bool(args.quick), "batches": [1], "seed": args.seed,
+            "provenance": bench.provenance({"kind": spec.cpu, "machine": board.machine}),
+            "notes": _micro_notes(args, source, board, variants, len(inputs), len(calibration)), "variants": out}
+
+
+def _micro_notes(args, source, board, variants, board_images: int, calibration_images: int) -> list[str]:
     notes = [f"{m} weights: {v.source}" for m, v in variants.items() if v.source]
     notes += [f"int16 builds of one flow (TVM-generated C, arm-none-eabi-gcc, the same driver) run on QEMU "
               f"{board.machine}; instructions executed per inference (a TCG plugin), not cycles",
               f"every variant built under each code shape of micro.GRID, its fewest instructions kept; the board's "
-              f"outputs for {len(inputs)} images bit-exact with the numpy int16 reference, the Scalpel builds run "
+              f"outputs for {board_images} images bit-exact with the numpy int16 reference, the Scalpel builds run "
               "twice (same count)",
               "kernels: dense = the board's SIMD MAC on every weight; traditional = CSR (an index per weight); "
               f"Scalpel = groups of {board.group_width} (one index per group) or dense per layer, whichever runs "
               "fewer instructions built alone on the board",
               "accuracy: PyTorch fp32 / the int16 model (numpy reference, the board's arithmetic) on the whole "
-              "test split; int16 scales from " + (args.calibration or f"{len(calibration)} random training images")]
+              "test split; int16 scales from " + (args.calibration or f"{calibration_images} random training images")]
     if source.kind == "onnx":
         notes.append("ONNX model: every variant compiles the same weights (dense = dense kernels, dead nodes "
                      "folded; traditional = CSR); no data, so no accuracy")
     if "scalpel-layer" in variants:
         notes.append("scalpel-layer: the same groups and kernels, pruned to a fraction of each layer's groups "
                      "(traditional pruning's per-layer schedule) instead of the paper's global RMS threshold")
-    return {"kind": "mcu", "model": source.name, "source": source.kind, "target": spec.cpu,
-            "board": f"{spec.cpu} (QEMU {board.machine})", "group_width": board.group_width,
-            "quick": bool(args.quick), "batches": [1], "seed": args.seed,
-            "provenance": bench.provenance({"kind": spec.cpu, "machine": board.machine}), "notes": notes,
-            "variants": out}
+    return notes
 
 
 def cmd_run(args) -> int:
