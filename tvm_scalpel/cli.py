@@ -929,11 +929,9 @@ def _compile_micro(args, spec, source, variant, batch: int) -> Path:
     method = _MCU_KERNELS.get(variant.method, "measured")
     with tempfile.TemporaryDirectory(prefix="scalpel-grid-") as tmp:
         best, best_run, grid = mcu.best_build(mod, _target(args.target), Path(tmp), calibration, method, inputs)
-    kernels = mcu.layer_kernels(best)
-    project = micro.build(mod, _target(args.target), path, calibration, inputs=inputs, config=best.config,
-                          methods={k["key"]: micro.Method(k["method"]) for k in kernels})
-    project = dataclasses.replace(project, decisions=best.decisions)
-    _write_plan(path, _micro_plan(spec, best.board.group_width, kernels))
+        shutil.copytree(best.path, path, dirs_exist_ok=True)  # the project holds no absolute path
+    project = dataclasses.replace(best, path=path)
+    _write_plan(path, _micro_plan(spec, best.board.group_width, mcu.layer_kernels(project)))
     result = micro.build_and_run(project)
     mcu.check_runs(project, result)
     if result.instructions != best_run.instructions:
