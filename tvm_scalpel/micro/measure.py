@@ -24,8 +24,6 @@ from .runner import RunResult, build_and_run
 
 #: Test images per numpy reference call (the reference's im2col of 10k ConvNet images is GBs).
 _CHUNK = 250
-
-
 #: Training images that choose the int16 scales by default.
 CALIBRATION_IMAGES = 512
 
