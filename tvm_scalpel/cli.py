@@ -247,17 +247,21 @@ def _user_file(args, source, method: str) -> Path:
     return Path(args.out) / f"{source.name}-{method}.pt"
 
 
+def _user_weights(args, source, method: str) -> Path | None:
+    """The weights `scalpel train`/`prune` saved for ``method``, else the dense ones, else None."""
+    return next((p for p in (_user_file(args, source, method), _user_file(args, source, "dense")) if p.is_file()),
+                None)
+
+
 def _user_model(args, source, method: str):
-    """A Python-file model with the weights `scalpel train`/`prune` saved for ``method`` (if any)."""
+    """A Python-file model with the weights of ``_user_weights`` (its initial weights without any)."""
     import torch
 
     model = source.torch_model()
-    for m in (method, "dense"):
-        path = _user_file(args, source, m)
-        if path.is_file():
-            model.load_state_dict(torch.load(path, weights_only=True))
-            logger.info("%s: weights from %s", method, path)
-            break
+    path = _user_weights(args, source, method)
+    if path is not None:
+        model.load_state_dict(torch.load(path, weights_only=True))
+        logger.info("%s: weights from %s", method, path)
     return model.eval()
 
 
@@ -289,10 +293,9 @@ def _variants(args, spec, source, methods, train: bool):
         _, test = source.data()
         shape = tuple(next(iter(test.batches(1)))[0].shape[1:])
         for m in methods:
-            model = _user_model(args, source, m)
-            files = [p for p in (_user_file(args, source, m), _user_file(args, source, "dense")) if p.is_file()]
+            model, path = _user_model(args, source, m), _user_weights(args, source, m)
             # Said in the report: a method not pruned yet runs the dense (or initial) weights.
-            origin = f"{source.path}, " + (f"weights {files[0]}" if files else "its initial weights (none saved)")
+            origin = f"{source.path}, " + (f"weights {path}" if path else "its initial weights (none saved)")
             variants[m] = wrap(m, model, evaluate(model, test)[1], origin=origin)
     elif _structure_only(source):
         shape = tuple(source.torch_model().input_shape)
