@@ -93,7 +93,7 @@ def unpark(checkpoints: Path) -> list[str]:
     """Copy every parked recipe that ``checkpoints`` lacks into it, so training resumes (and shares)
     from there; returns the slugs copied."""
     copied = []
-    for src in sorted(PARKED.glob("*/checkpoint.pt")):
+    for src in sorted(PARKED.glob(f"*/{CHECKPOINT_NAME}")):
         dst = checkpoints / src.parent.name
         if not (dst / CHECKPOINT_NAME).is_file():
             shutil.copytree(src.parent, dst, dirs_exist_ok=True)

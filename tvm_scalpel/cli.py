@@ -807,7 +807,7 @@ def cmd_train(args) -> int:
             f"{source.name}/{args.recipe}" + ("/quick" if args.quick else "")
         _, res = _recipe_result(args, name, train=True)
         print(f"{name}: accuracy {100 * res.final_accuracy:.2f} %, size {100 * res.plan.size_ratio:.2f} % of dense, "
-              f"checkpoints in {Path(args.out) / 'checkpoints' / _slug(name)}")
+              f"checkpoints in {_checkpoints(args, name)}")
         return 0
     _, acc = _fit_user_model(args, source, pruner=None)
     print(f"{source.name}: dense accuracy {100 * acc:.2f} %, weights in {_user_file(args, source, 'dense')}")
