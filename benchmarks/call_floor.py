@@ -6,7 +6,7 @@ the CPU), plus LeNet-300-100 dense (random weights: timing depends on shapes onl
 libraries given with --lib (e.g. from `scalpel compile`). Timed as `scalpel bench` times compiled models:
 exported libraries interleaved in a child process with TVM's pool spinning (tvm_scalpel.bench).
 
-    python benchmarks/call_floor.py [--lib NAME=PATH ...]   # writes benchmarks/results/call_floor.json
+    python benchmarks/call_floor.py [--lib NAME=PATH ...] [--out call_floor.json]   # in benchmarks/results/
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
                     help="an exported Relax library taking one [1, 1, 28, 28] input (repeatable)")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3, help="child processes, each with its own interleaved rounds")
+    ap.add_argument("--out", default="call_floor.json", help="file name in benchmarks/results/")
     args = ap.parse_args(argv)
     spec = hardware_spec("host")
     rng = np.random.default_rng(0)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
             for k in runs[0]]
     for row in rows:
         print(f"{row['library']:>24} {row['vm']:>8}: " + ", ".join(f"{m:.2f}" for m in row["median_us"]) + " us")
-    H.write_json(H.RESULTS / "call_floor.json", {
+    H.write_json(H.RESULTS / args.out, {
         "what": "per-call time of compiled Relax models from Python, f = vm['main'] looked up once; medians per "
                 "child process (TVM pool spinning), libraries interleaved",
         "rounds": args.rounds, "provenance": bench.provenance(spec.to_dict()["target"]), "rows": rows})

@@ -258,17 +258,3 @@ def test_wrong_argument_shape_is_a_clear_error(host_spec):
     kern = CompiledKernel(cpu.dense_nt(4, 8, 1, host_spec), host_spec)
     with pytest.raises(KernelError, match="dense_nt"):
         kern(np.ones((1, 9), "float32"), np.ones((4, 8), "float32"), out_shape=(1, 4))
-
-
-@pytest.mark.parametrize("in_shape, out_shape", [((1, 1, 28, 28), (1, 784)), ((3, 1, 3, 7), (3, 21))])
-def test_flatten_copy_is_numpy_reshape(host_spec, in_shape, out_shape):
-    """Whole vectors of the target's lanes, then a scalar tail (63 = 3 x 16 + 15 at 16 lanes)."""
-    x = np.random.default_rng(0).standard_normal(in_shape).astype("float32")
-    y = CompiledKernel(cpu.flatten_copy(in_shape, out_shape, host_spec), host_spec)(x, out_shape=out_shape)
-    np.testing.assert_array_equal(y, x.reshape(out_shape))
-
-
-def test_flatten_copy_rejects_shapes_of_another_size(host_spec):
-    with pytest.raises(KernelError, match=r"flatten_copy: expected shapes of the same positive size, found "
-                                          r"\(1, 1, 28, 28\) \(784 elements\) and \(1, 780\) \(780\)"):
-        cpu.flatten_copy((1, 1, 28, 28), (1, 780), host_spec)

@@ -91,7 +91,7 @@ def pipeline(target: TargetLike, plan: CompilePlan | None = None) -> tvm.transfo
     if legalize[-1].info.name != "FuseTIR":  # FuseLayerChain runs FuseTIR itself, after grouping chains
         raise ScalpelError(f"tvm_scalpel.pipeline: expected TVM's CPU legalize passes to end with FuseTIR, "
                           f"found {[p.info.name for p in legalize]}")
-    fuse = FuseLayerChain(spec) if plan.fuse_chains else legalize[-1]
+    fuse = FuseLayerChain() if plan.fuse_chains else legalize[-1]
     tvm_lowering = (cpu.library_dispatch_passes(target_obj) + legalize[:-1] + [fuse, ScheduleRemaining(spec)]
                     + cpu.dataflow_lower_passes(target_obj)
                     + cpu.finalize_passes(target_obj))

@@ -7,8 +7,9 @@ run of ``call_tir`` bindings of our kernels (marked ``scalpel.kernel`` by ``Laye
 in which each result is a dataflow var read only by the next kernel. Each chain of two or more is
 moved into a ``Primitive`` Relax function, and TVM's ``FuseTIR`` (run here, in place of the pipeline's
 own) turns it into one PrimFunc whose intermediates are local buffers; the kernels' bodies and parallel
-loops are unchanged. Kernels left with no caller are dropped, so they are not compiled. Given the
-target's spec, a reshape (flatten) feeding a chain's first kernel is led into the chain as a copy.
+loops are unchanged. Kernels left with no caller are dropped, so they are not compiled. A reshape
+(flatten) feeding a chain's first kernel is led into the chain as a view: that kernel reads the
+reshape's input in place.
 
 Runs after ``FuseOps``, so the only ``Primitive`` functions it meets are FuseOps' groups, which FuseTIR
 lowers as usual.
@@ -22,9 +23,6 @@ from collections import Counter
 import tvm
 from tvm import relax
 
-from ..compat import with_root_block
-from ..schedules import cpu
-from ..target import HardwareSpec
 
 KERNEL_ATTR = "scalpel.kernel"
 CHAIN_ATTR = "scalpel.kernels"  # on a fused chain's PrimFunc: the names of the kernels it runs, in order
@@ -41,8 +39,8 @@ def _kernel_call(mod: tvm.IRModule, value: relax.Expr) -> bool:
 
 def _reshape_call(mod: tvm.IRModule, value: relax.Expr) -> bool:
     """Whether ``value`` is ``call_tir`` of a legalized reshape (a flatten before the first layer). Led
-    into a chain as our copy, it replaces the VM's reshape view (a separate VM call, 0.3 us in a model of
-    one tiny op; pruned LeNet-300-100 took 0.14-0.27 us less per call)."""
+    into a chain, it replaces the VM's reshape view (a separate VM call, 0.3 us in a model of one tiny
+    op)."""
     if not (isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)):
         return False
     func = mod[value.args[0]]
@@ -127,11 +125,11 @@ def _chain_function(chain: list[relax.VarBinding]) -> tuple[relax.Function, list
 
 @tvm.transform.module_pass(opt_level=0, name="FuseLayerChain")
 class FuseLayerChain:
-    """``spec`` given: a reshape feeding a chain's first kernel (a flatten) is led into the chain as our
-    vectorised copy (``cpu.flatten_copy``); without it, reshapes stay VM views."""
+    """``lead_flatten``: a reshape feeding a chain's first kernel (a flatten) is led into the chain, the
+    kernel reading the reshape's input through a flat view; otherwise reshapes stay VM views."""
 
-    def __init__(self, spec: HardwareSpec | None = None):
-        self.spec = spec
+    def __init__(self, lead_flatten: bool = True):
+        self.lead_flatten = lead_flatten
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         bb = relax.BlockBuilder(mod)
@@ -140,7 +138,7 @@ class FuseLayerChain:
             if not isinstance(func, relax.Function) or func.attrs.get("Primitive", False):
                 continue
             uses = _use_counts(func)
-            blocks = [_fuse_block(bb, mod, gv.name_hint, b, uses, members, self.spec)
+            blocks = [_fuse_block(bb, mod, gv.name_hint, b, uses, members, self.lead_flatten)
                       if isinstance(b, relax.DataflowBlock) else b
                       for b in func.body.blocks]
             if any(a is not b for a, b in zip(blocks, func.body.blocks)):
@@ -186,21 +184,21 @@ def _drop_orphans(mod: tvm.IRModule, members: set[str]) -> tvm.IRModule:
 
 
 def _fuse_block(bb: relax.BlockBuilder, mod: tvm.IRModule, owner: str, block: relax.DataflowBlock,
-                uses: Counter, members: set[str], spec: HardwareSpec | None) -> relax.DataflowBlock:
+                uses: Counter, members: set[str], lead_flatten: bool) -> relax.DataflowBlock:
     """``block`` with each chain replaced by one call of its Primitive function (bound to the chain's
     last var, so later readers are unchanged)."""
-    chains = _chains(mod, block, uses, lead_reshapes=spec is not None)
+    chains = _chains(mod, block, uses, lead_reshapes=lead_flatten)
     if not chains:
         return block
     replace: dict = {}
     for chain in chains:
-        func, outside = _chain_function(chain)
         kernels = [str(mod[b.value.args[0]].attrs["global_symbol"]) for b in chain
                    if _kernel_call(mod, b.value)]
         members.update(b.value.args[0].name_hint for b in chain)
-        if not _kernel_call(mod, chain[0].value):  # a leading reshape: our copy, buffers like our kernels'
-            reshape = chain[0].value.args[0]
-            bb.update_func(reshape, _flatten_copy(chain[0].value, spec))
+        if not _kernel_call(mod, chain[0].value):  # a leading reshape: the first kernel reads its input
+            replace[chain[0].var] = None
+            chain = [_read_through(bb, mod, chain[0], chain[1]), *chain[2:]]
+        func, outside = _chain_function(chain)
         gv = bb.add_func(func.with_attr(CHAIN_ATTR, kernels), f"fused_chain_{owner}")
         replace.update({b.var: None for b in chain[:-1]})
         replace[chain[-1].var] = bb.normalize(relax.Call(gv, outside))
@@ -209,9 +207,39 @@ def _fuse_block(bb: relax.BlockBuilder, mod: tvm.IRModule, owner: str, block: re
     return relax.DataflowBlock(bindings, block.span)
 
 
-def _flatten_copy(call: relax.Call, spec: HardwareSpec) -> tvm.tirx.PrimFunc:
-    """Our copy kernel for a legalized reshape ``call`` (TVM's own has int64 buffers; FuseTIR wants the
-    buffers that meet at a var to match our kernels')."""
-    (arg,) = call.args[1].fields
-    shape = tuple(int(d) for d in arg.ty.shape)
-    return with_root_block(cpu.flatten_copy(shape, tuple(int(d) for d in call.ty.shape), spec))
+def _read_through(bb: relax.BlockBuilder, mod: tvm.IRModule, reshape: relax.VarBinding,
+                  first: relax.VarBinding) -> relax.VarBinding:
+    """``first`` (the kernel that reads the flatten ``reshape``'s result) calling a variant of its kernel
+    that takes the reshape's input and reads it through a flat view of the same memory. A copy into a
+    scratch buffer (our earlier lead) cost a workspace allocation and a pass over the input: 0.09 us per
+    call for MNIST's 784 floats, pruned LeNet-300-100 1.97 -> 1.85 us (benchmarks/call_floor.py)."""
+    (src,) = reshape.value.args[1].fields
+    args = list(first.value.args[1].fields)
+    index = next(i for i, a in enumerate(args) if a.same_as(reshape.var))
+    kernel_gv = first.value.args[0]
+    view = _input_view(mod[kernel_gv], index, tuple(int(d) for d in src.ty.shape))
+    gv = bb.add_func(view, f"{kernel_gv.name_hint}_view")
+    args[index] = src
+    call = first.value
+    return relax.VarBinding(first.var, relax.Call(call.op, [gv, relax.Tuple(args), *call.args[2:]],
+                                                  call.attrs, call.ty_args))
+
+
+def _input_view(kernel: tvm.tirx.PrimFunc, index: int, shape: tuple[int, ...]) -> tvm.tirx.PrimFunc:
+    """``kernel`` with parameter ``index`` taking a tensor of ``shape`` (the same elements, row-major),
+    its old buffer declared as a view of the new one's memory."""
+    from tvm import s_tir
+
+    old = kernel.params[index]
+    new = tvm.tirx.decl_buffer(shape, old.dtype, str(old.name))
+    decl = tvm.tirx.DeclBuffer(old, data=new.data)
+    body = kernel.body
+    if isinstance(body, s_tir.SBlockRealize):
+        b = body.block
+        block = s_tir.SBlock(b.iter_vars, b.reads, b.writes, b.name_hint, tvm.tirx.SeqStmt([decl, b.body]),
+                             b.init, b.alloc_buffers, b.match_buffers, b.annotations)
+        body = s_tir.SBlockRealize(body.iter_values, body.predicate, block)
+    else:
+        body = tvm.tirx.SeqStmt([decl, body])
+    params = [new if i == index else p for i, p in enumerate(kernel.params)]
+    return tvm.tirx.PrimFunc(params, body, kernel.ret_type, kernel.attrs)

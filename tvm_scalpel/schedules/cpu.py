@@ -21,7 +21,6 @@ a bias the kernel has one more input, B[m], last before the output.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -602,30 +601,6 @@ def conv_out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     if out < 1:
         raise KernelError(f"conv: input {size} with kernel {kernel}, stride {stride}, pad {pad} gives no output")
     return out
-
-
-def flatten_copy(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spec: HardwareSpec) -> tirx.PrimFunc:
-    """Y = X reshaped (same elements, row-major), a vectorised copy. FuseLayerChain leads a chain with it
-    in place of the VM's reshape view: pruned LeNet-300-100 took 0.14-0.27 us less per call."""
-    size, out_size = math.prod(in_shape), math.prod(out_shape)
-    if size != out_size or size < 1:
-        raise KernelError(f"flatten_copy: expected shapes of the same positive size, found {in_shape} "
-                          f"({size} elements) and {out_shape} ({out_size})")
-    lanes = spec.lanes(F32)
-    vecs, tail = divmod(size, lanes)
-
-    @T.prim_func
-    def kernel(X: T.Buffer(in_shape, F32), Y: T.Buffer(out_shape, F32)):
-        T.func_attr({"global_symbol": "flatten_copy", "tir.noalias": True})
-        xf = T.decl_buffer((size,), F32, data=X.data)
-        yf = T.decl_buffer((size,), F32, data=Y.data)
-        for v in range(vecs):
-            for l in T.vectorized(lanes):
-                yf[v * lanes + l] = xf[v * lanes + l]
-        for t in range(tail):
-            yf[vecs * lanes + t] = xf[vecs * lanes + t]
-
-    return kernel.with_attr("tir.is_scheduled", True)
 
 
 def im2col(b: int, c: int, h: int, w: int, kh: int, kw: int, stride: tuple[int, int] = (1, 1),
