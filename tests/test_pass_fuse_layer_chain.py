@@ -148,3 +148,23 @@ def test_a_leading_flatten_is_read_in_place_by_the_chain(host_spec, path, batch)
     mod = relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(mod)))
     assert "reshape" in [n.split("_")[0] for n in _prim_calls(FuseLayerChain(lead_flatten=False)(mod))]
     assert "reshape" not in [n.split("_")[0] for n in _prim_calls(FuseLayerChain()(mod))]
+
+
+def test_reading_the_flatten_in_place_needs_a_buffer_of_its_size(host_spec):
+    from tvm.script import tirx as T
+
+    from tvm_scalpel.errors import KernelError
+    from tvm_scalpel.passes.fuse_layer_chain import _input_view
+    from tvm_scalpel.schedules import cpu
+
+    kernel = cpu.dense_nt(4, 8, 1, host_spec)  # A: (1, 8)
+    assert [int(d) for d in _input_view(kernel, 0, (1, 2, 4)).params[0].shape] == [1, 2, 4]
+    with pytest.raises(KernelError, match=r"parameter 0 \(A\) should be a buffer of 6 elements .* found \(1, 8\)"):
+        _input_view(kernel, 0, (2, 3))
+
+    @T.prim_func
+    def raw(x: T.handle):
+        T.evaluate(0)
+
+    with pytest.raises(KernelError, match=r"parameter 0 \(x\) should be a buffer"):
+        _input_view(raw, 0, (2, 3))

@@ -23,6 +23,8 @@ from collections import Counter
 import tvm
 from tvm import relax
 
+from ..errors import KernelError
+
 
 KERNEL_ATTR = "scalpel.kernel"
 CHAIN_ATTR = "scalpel.kernels"  # on a fused chain's PrimFunc: the names of the kernels it runs, in order
@@ -231,6 +233,10 @@ def _input_view(kernel: tvm.tirx.PrimFunc, index: int, shape: tuple[int, ...]) -
     from tvm import s_tir
 
     old = kernel.params[index]
+    if not tvm.tirx.is_buffer_var(old) or _size(old.shape) != math.prod(shape):
+        raise KernelError(f"FuseLayerChain: kernel parameter {index} ({old.name}) should be a buffer of "
+                          f"{math.prod(shape)} elements to read the flatten's input {shape} in place, found "
+                          f"{getattr(old, 'shape', None)}")
     new = tvm.tirx.decl_buffer(shape, old.dtype, str(old.name))
     decl = tvm.tirx.DeclBuffer(old, data=new.data)
     body = kernel.body
