@@ -230,6 +230,12 @@ def test_run_on_the_m4_counts_instructions_and_compile_writes_that_build(run_out
     assert f"{rows['scalpel']['instructions']:,} instructions per inference, outputs bit-exact" in stdout
     plan = json.loads((out / "lenet-300-100-scalpel-cortex-m4" / "plan.json").read_text())
     assert [d["method"] for d in plan["layers"]] == [d["method"] for d in rows["scalpel"]["decisions"]]
+    # --fast: the default code shape only, the count bench measured for it
+    rc, stdout, err = scalpel("compile", "lenet-300-100", "--target", "cortex-m4", "--quick", "--fast",
+                              "--out", out, "-o", out / "fast")
+    assert rc == 0, err
+    default = rows["scalpel"]["instructions_by_config"]["u1-acle"]
+    assert f"{default:,} instructions per inference" in stdout and "(the default: --fast)" in stdout
 
 
 def test_mcu_report_puts_the_papers_m4_numbers_beside_the_m4_only(tmp_path):
@@ -409,6 +415,7 @@ def test_fine_grain_gpu_pruning_prunes_and_compiles_for_cuda(scalpel, tmp_path):
     (("compile", "lenet-300-100", "--method", "scalpel-layer", "--target", "cuda"), "expected a microcontroller"),
     (("compile", "lenet-300-100", "--method", "scalpel-layer", "--target", "cortex-m4"),
      "run `scalpel prune lenet-300-100 --method scalpel-layer --target cortex-m4"),
+    (("compile", "lenet-300-100", "--fast"), "--fast: a microcontroller option"),
 ])
 def test_target_specific_methods_say_what_they_need(scalpel, tmp_path, argv, expected):
     rc, _, err = scalpel(*argv, "--out", tmp_path)

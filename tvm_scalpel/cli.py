@@ -131,6 +131,9 @@ def _parser():
                    help="fine: the tile-pruned model (prune --method fine), with --target cuda; scalpel-layer: "
                         "the model of prune --method scalpel-layer, with a microcontroller target")
     c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--fast", action="store_true", help="microcontrollers: build under the default code "
+                   "shape only, not the one of micro.GRID's six with the fewest instructions (a sixth of the "
+                   "builds; each Scalpel layer's kernel is still measured)")
     c.add_argument("-o", "--output", default=None, help="artefact path (default OUT/<model>-<method>-b<batch>.so; "
                    "a folder OUT/<model>-<method>-<cpu> for a microcontroller)")
     add("bench", "time dense / traditional / Scalpel compiled and PyTorch eager, interleaved; write the report "
@@ -903,9 +906,10 @@ def _compile_shared_library(args, spec, source, variant, batch: int) -> Path:
 def _compile_micro(args, spec, source, variant, batch: int) -> Path:
     """Cortex-M: the int16 project (TVM-generated C, driver, Makefile). With the ARM toolchain and QEMU
     here, the project is the one ``scalpel run`` measures: built under every code shape of micro.GRID and
-    the fewest instructions kept, Scalpel's layers each with the kernel that ran fewer instructions alone
-    on the board; it is run on QEMU and checked against the int16 reference. Without them: the default
-    code shape and the paper's MCU rule (SIMD groups on every layer), said so, not built."""
+    the fewest instructions kept (``--fast``: the default shape only), Scalpel's layers each with the
+    kernel that ran fewer instructions alone on the board; it is run on QEMU and checked against the int16
+    reference. Without them: the default code shape and the paper's MCU rule (SIMD groups on every layer),
+    said so, not built."""
     import dataclasses
     import tempfile
 
@@ -930,8 +934,10 @@ def _compile_micro(args, spec, source, variant, batch: int) -> Path:
               "without them each layer's kernel is not measured: the paper's MCU rule, groups everywhere)")
         return path
     method = _MCU_KERNELS.get(variant.method, "measured")
+    shapes = (micro.KernelConfig(),) if args.fast else micro.GRID
     with tempfile.TemporaryDirectory(prefix="scalpel-grid-") as tmp:
-        best, best_run, grid = mcu.best_build(mod, _target(args.target), Path(tmp), calibration, method, inputs)
+        best, best_run, grid = mcu.best_build(mod, _target(args.target), Path(tmp), calibration, method,
+                                              inputs, shapes)
         shutil.copytree(best.path, path, dirs_exist_ok=True)  # the project holds no absolute path
     project = dataclasses.replace(best, path=path)
     _write_plan(path, _micro_plan(spec, best.board.group_width, mcu.layer_kernels(project)))
@@ -942,7 +948,8 @@ def _compile_micro(args, spec, source, variant, batch: int) -> Path:
                         f"{best_run.instructions[0]:,}; expected the same program")
     print(f"  QEMU {project.board.machine}: {result.instructions[0]:,} instructions per inference, outputs "
           f"bit-exact with the int16 reference; flash {result.flash_bytes:,} B, RAM {result.ram_bytes:,} B; "
-          f"code shape {vars(best.config)} (fewest of {len(grid)})")
+          f"code shape {vars(best.config)} " + ("(the default: --fast)" if args.fast
+                                                 else f"(fewest of {len(grid)})"))
     return path
 
 
@@ -983,6 +990,11 @@ def cmd_compile(args) -> int:
 
     source, spec = resolve(args.model), _spec(args)
     _check_method(args, spec, source)
+    if args.fast and spec.hardware_class is not HardwareClass.MCU:
+        from .errors import PlanError
+
+        raise PlanError(f"scalpel compile --fast: a microcontroller option (one code shape instead of the "
+                        f"best of micro.GRID); {spec.cpu} builds have no such search, drop --fast")
     compilers = {HardwareClass.CPU: _compile_shared_library, HardwareClass.GPU: _compile_shared_library,
                  HardwareClass.MCU: _compile_micro}
     compile_fn = compilers[spec.hardware_class]

@@ -18,7 +18,7 @@ import tvm
 
 from .. import formats
 from ..errors import PlanError, VerificationError
-from .kernels import GRID
+from .kernels import GRID, KernelConfig
 from .project import Method, Project
 from .runner import RunResult, build_and_run
 
@@ -49,12 +49,14 @@ class Variant:
 
 
 def best_build(mod: tvm.IRModule, target, out: Path, calibration: np.ndarray, method: Method | str,
-               inputs: np.ndarray) -> tuple[Project, RunResult, dict[str, int]]:
-    """The build with the fewest instructions over ``GRID``, its first run, and every config's count."""
+               inputs: np.ndarray, grid: Sequence[KernelConfig] = GRID
+               ) -> tuple[Project, RunResult, dict[str, int]]:
+    """The build with the fewest instructions over ``grid`` (default ``GRID``), its first run, and every
+    config's count."""
     from . import build
 
     counts, best = {}, None
-    for cfg in GRID:
+    for cfg in grid:
         tag = f"u{cfg.unroll}-{cfg.saturate}"
         project = build(mod, target, Path(out) / tag, calibration, methods=method, inputs=inputs, config=cfg)
         run = build_and_run(project)
