@@ -395,9 +395,14 @@ def _child_runner(args):
     return args._child_runner
 
 
+_TRACKER_CONNECT_S = 10  # seconds to wait for the tracker's port to accept a connection
+
+
 def _rpc_runner(args):
     """(runner, profile cache folder): the RPC device named by --rpc (one session per command), or None
     and 'profiles' for this machine. A remote device's profiles are cached apart from local ones."""
+    import socket
+
     from .errors import TargetError
     from .profiling import RPCRunner
 
@@ -409,6 +414,8 @@ def _rpc_runner(args):
             raise TargetError(f"--rpc: expected HOST:PORT:KEY (the tracker's address and the device key), "
                               f"found {args.rpc!r}")
         try:
+            # TVM retries an unreachable tracker for 60 s: a closed port is an error at once
+            socket.create_connection((host, int(port)), timeout=_TRACKER_CONNECT_S).close()
             args._rpc_runner = RPCRunner(host, int(port), key)
         except Exception as err:  # tvm raises TVMError/RuntimeError/OSError for an unreachable tracker
             raise TargetError(f"--rpc {args.rpc}: no device {key!r} from the tracker at {host}:{port} ({err}); "
